@@ -1,0 +1,213 @@
+"""``deepep-switch bench``: what the switch costs, measured on the ranks that run it.
+
+For each backend (legacy, elastic) and mode it times, per rank, the median of ``iters`` round trips:
+
+* ``raw``    - DeepEP calls alone, as a hand-written integration would make them;
+* ``router`` - ``prepare`` -> identity executor -> ``finalize`` through deepep-switch;
+* ``graph``  - (low-latency) the router round trip captured once in a CUDA graph and replayed.
+
+It also reports the buffer bytes each backend was sized to and the device memory the wrapper took. Timings
+use CUDA events after a barrier; on CPU (reference providers) they are wall-clock and mean nothing for speed.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """One benchmark run: layer shape, token counts per rank, repetitions."""
+
+    normal_tokens: tuple[int, ...] = (128, 4096)
+    low_latency_tokens: tuple[int, ...] = (128,)
+    hidden: int = 7168
+    num_experts: int = 64
+    topk: int = 8
+    iters: int = 30
+    warmup: int = 5
+    backends: tuple[str, ...] = ("legacy", "elastic")
+    use_fp8: bool = False
+
+
+@dataclass
+class Row:
+    backend: str
+    mode: str
+    tokens: int
+    raw_us: float
+    router_us: float
+    graph_us: Optional[float] = None
+    buffer_bytes: dict[str, int] = field(default_factory=dict)
+    device_bytes: int = 0
+    layout_ops: Optional[str] = None
+
+
+class _Timer:
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def median_us(self, fn: Callable[[], Any], iters: int, warmup: int, group: Optional[dist.ProcessGroup]) -> float:
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(iters):
+            dist.barrier(group=group)
+            if self.cuda:
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) * 1000.0)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(samples)
+
+
+def _config(rank: int, world: int, spec: BenchSpec, tokens: int, low_latency: bool):
+    from .config import DeepepWrapperConfig
+
+    return DeepepWrapperConfig(
+        ep_rank=rank, ep_size=world, tp_size=1, local_rank=rank, world_size=world, hidden_size=spec.hidden,
+        expert_num=spec.num_experts, moe_k=spec.topk, deep_ep_num_sm=0, use_deepep_low_latency=low_latency,
+        use_deepep_internode=False, ll_num_max_token=tokens, ll_num_max_token_per_rank=tokens if low_latency else 0,
+        max_tokens_per_rank=tokens, use_fp8_dispatch=spec.use_fp8)
+
+
+def _inputs(rank: int, tokens: int, spec: BenchSpec, device: torch.device):
+    gen = torch.Generator().manual_seed(1234 + rank)
+    x = torch.randn((tokens, spec.hidden), generator=gen).to(torch.bfloat16).to(device)
+    ids = torch.rand((tokens, spec.num_experts), generator=gen).argsort(dim=1)[:, :spec.topk].to(device)
+    weights = torch.rand((tokens, spec.topk), generator=gen).float().to(device)
+    return x, ids, weights
+
+
+def _raw_round_trip(wrapper: Any, low_latency: bool, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                    spec: BenchSpec) -> Callable[[], Any]:
+    from .backend import Backend
+    from .fp8 import quantize_fp8
+
+    buf, experts = wrapper.buffer, spec.num_experts
+    payload = quantize_fp8(x) if spec.use_fp8 else x
+    if wrapper.backend is Backend.LEGACY and not low_latency:
+        def legacy_normal() -> Any:
+            a, b, c, d, _ = buf.get_dispatch_layout(ids, experts)
+            recv, _, _, _, handle, _ = buf.dispatch(payload, None, a, b, d, c, ids, w)
+            y = recv[0].to(torch.bfloat16) if spec.use_fp8 else recv
+            return buf.combine(y, handle)[0]
+        return legacy_normal
+    if wrapper.backend is Backend.LEGACY:
+        n = wrapper.ll_num_max_token_per_rank
+
+        def legacy_ll() -> Any:
+            recv, _, handle, _, _ = buf.low_latency_dispatch(x, ids, n, experts, use_fp8=spec.use_fp8)
+            y = recv[0].to(torch.bfloat16) if spec.use_fp8 else recv
+            return buf.low_latency_combine(y, ids, w, handle)[0]
+        return legacy_ll
+
+    def elastic() -> Any:
+        recv, _, _, handle, _ = buf.dispatch(payload, topk_idx=ids, topk_weights=w, num_experts=experts,
+                                             do_cpu_sync=not low_latency, do_expand=low_latency)
+        y = recv[0].to(torch.bfloat16) if spec.use_fp8 else recv
+        return buf.combine(y, handle)[0]
+    return elastic
+
+
+def _router_round_trip(router: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Callable[[], Any]:
+    from routers import CombineForwardPayload
+
+    def round_trip() -> Any:
+        payload = router.prepare(x, None, None, w, ids)
+        y = payload.expert_x if payload.expert_x_scale is None else payload.expert_x.to(torch.bfloat16)
+        return router.finalize(CombineForwardPayload(y), payload.expert_topk_weights, payload.expert_topk_ids,
+                               False, {"original_num_tokens": x.shape[0]})
+    return round_trip
+
+
+def _graph_round_trip(round_trip: Callable[[], Any], group: dist.ProcessGroup) -> Callable[[], Any]:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        round_trip()  # warm up JIT and allocator outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    dist.barrier(group=group)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        round_trip()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool) -> list[dict[str, Any]]:
+    """One rank of the benchmark (called through :func:`deepep_switch.launch.spawn`)."""
+    from routers import LowLatencyRouter, NormalRouter, RouterOptions
+
+    from .settings import load_settings
+    from .wrapper import DeepEPWrapper
+
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    timer = _Timer(cuda)
+    rows: list[dict[str, Any]] = []
+    for backend in spec.backends:
+        os.environ["RTP_LLM_DEEPEP_BACKEND"] = backend
+        settings = load_settings()
+        for low_latency, token_list in ((False, spec.normal_tokens), (True, spec.low_latency_tokens)):
+            for tokens in token_list:
+                free_before = torch.cuda.mem_get_info()[0] if cuda else 0
+                wrapper = DeepEPWrapper.create(_config(rank, world, spec, tokens, low_latency), settings=settings)
+                try:
+                    used = free_before - torch.cuda.mem_get_info()[0] if cuda else 0
+                    x, ids, w = _inputs(rank, tokens, spec, device)
+                    router = (LowLatencyRouter if low_latency else NormalRouter)(
+                        wrapper, RouterOptions(use_fp8=spec.use_fp8))
+                    raw = timer.median_us(_raw_round_trip(wrapper, low_latency, x, ids, w, spec), spec.iters,
+                                          spec.warmup, wrapper.group)
+                    trip = _router_round_trip(router, x, ids, w)
+                    routed = timer.median_us(trip, spec.iters, spec.warmup, wrapper.group)
+                    graph = None
+                    if low_latency and cuda:
+                        graph = timer.median_us(_graph_round_trip(trip, wrapper.group), spec.iters, spec.warmup,
+                                                wrapper.group)
+                    row = Row(wrapper.backend.value, "low_latency" if low_latency else "normal", tokens, raw, routed,
+                              graph, wrapper.buffer_bytes, int(used),
+                              getattr(router, "layout_ops", None) if low_latency else None)
+                    rows.append(asdict(row))
+                finally:
+                    DeepEPWrapper.reset()
+    return rows
+
+
+def summarise(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Merge ranks: the slowest rank's median is the layer's latency."""
+    merged = []
+    for i, row in enumerate(per_rank[0]):
+        out = dict(row)
+        for key in ("raw_us", "router_us", "graph_us"):
+            values = [r[i][key] for r in per_rank if r[i][key] is not None]
+            out[key] = max(values) if values else None
+        merged.append(out)
+    return merged
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'backend':8} {'mode':12} {'tokens':>6} {'raw us':>9} {'router us':>10} {'overhead':>9} "
+            f"{'graph us':>9}  buffer bytes")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        overhead = (r["router_us"] / r["raw_us"] - 1.0) * 100 if r["raw_us"] else 0.0
+        graph = f"{r['graph_us']:9.1f}" if r["graph_us"] is not None else f"{'-':>9}"
+        lines.append(f"{r['backend']:8} {r['mode']:12} {r['tokens']:6d} {r['raw_us']:9.1f} {r['router_us']:10.1f} "
+                     f"{overhead:8.1f}% {graph}  {r['buffer_bytes']}")
+    return "\n".join(lines)

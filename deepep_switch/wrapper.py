@@ -1,0 +1,227 @@
+"""``DeepEPWrapper``: the process-wide owner of the one DeepEP buffer, with rtp-llm's singleton semantics.
+
+``create(config)`` runs the whole chain once per process: settings -> preflight -> rank consensus -> sizing ->
+construction. If the ElasticBuffer constructor raises on any rank, every rank learns it through one more small
+all-gather and all of them build the legacy buffer instead (strict mode: all of them raise). Nothing is
+published as the instance until a buffer exists on this rank, so a failed ``create`` leaves nothing half-built.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.distributed as dist
+
+from .backend import Backend
+from .config import DeepEPMode, DeepepWrapperConfig
+from .consensus import all_gather_ints
+from .decision import BackendDecision, BackendUnavailableError, resolve_backend
+from .providers import Provider, load_provider, provider_importable
+from .settings import LoadedSettings, get_settings
+from .sizing import BufferPlan, plan_elastic, plan_legacy
+
+logger = logging.getLogger("deepep_switch.wrapper")
+
+
+class DeepEPWrapper:
+    """Owns the EP buffer of this process. Build it with :meth:`create`, find it with :meth:`get_instance`."""
+
+    _instance: ClassVar[Optional["DeepEPWrapper"]] = None
+    _lock: ClassVar[threading.RLock] = threading.RLock()
+    _initialized: ClassVar[bool] = False
+
+    def __init__(self, group: dist.ProcessGroup, config: DeepepWrapperConfig,
+                 settings: Optional[LoadedSettings] = None) -> None:
+        self._group = group
+        self._config = config
+        self._mode = config.mode
+        decision = resolve_backend(group, settings=settings, internode=config.use_deepep_internode)
+        self._provider = load_provider(decision.settings.provider) if decision.runnable else None
+        if self._provider is None:
+            raise RuntimeError(f"DeepEP cannot run here: {decision.describe()}")
+        self._buffer, self._plan, self._decision = self._build(decision)
+        logger.info("deepep-switch rank %d/%d: built %s buffer (%s mode) %s", config.ep_rank, config.ep_size,
+                    self._decision.resolved.value, self._mode.name, self._plan.bytes)
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, decision: BackendDecision) -> tuple[Any, BufferPlan, BackendDecision]:
+        assert self._provider is not None
+        if decision.resolved is Backend.ELASTIC:
+            buffer, plan, error = self._try_elastic(decision)
+            rows = all_gather_ints([int(error is None)], self._group, decision.settings.consensus_timeout_s,
+                                   what="ElasticBuffer construction")
+            failed = [rank for rank, row in enumerate(rows) if not row[0]]
+            if not failed:
+                return buffer, plan, decision.model_copy(update={"buffer_bytes": plan.bytes})
+            if buffer is not None:
+                self._abandon(buffer)
+            reason = f"ElasticBuffer construction failed on ranks {failed}"
+            if error is not None:
+                reason += f" (here: {type(error).__name__}: {error})"
+            logger.error("deepep-switch: %s; %s", reason,
+                         "strict mode: raising" if decision.strict else "every rank falls back to legacy")
+            if decision.strict:
+                raise BackendUnavailableError(reason) from error
+            decision = decision.model_copy(update={
+                "resolved": Backend.LEGACY, "fallback": reason, "reasons": [*decision.reasons, reason]})
+        plan = plan_legacy(self._provider, self._config, decision.settings)
+        buffer = self._provider.Buffer(self._group, **plan.kwargs)
+        return buffer, plan, decision.model_copy(update={"buffer_bytes": plan.bytes})
+
+    def _try_elastic(self, decision: BackendDecision) -> tuple[Any, Optional[BufferPlan], Optional[BaseException]]:
+        assert self._provider is not None
+        try:
+            plan = plan_elastic(self._provider, self._group, self._config, decision.settings)
+            return self._provider.ElasticBuffer(self._group, **plan.kwargs), plan, None
+        except Exception as exc:  # any constructor failure is agreed on, then handled on every rank alike
+            return None, None, exc
+
+    @staticmethod
+    def _abandon(buffer: Any) -> None:
+        # Another rank has no buffer, so a collective destroy() would hang: drop it without one.
+        logger.warning("deepep-switch: dropping this rank's ElasticBuffer without a collective destroy "
+                       "(its peers never built theirs); its memory is released with the process")
+        del buffer
+
+    def _destroy_buffer(self) -> None:
+        buffer, self._buffer = self._buffer, None
+        if buffer is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        buffer.destroy()  # collective; every plan sets explicitly_destroy=True
+        del buffer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ rtp-llm singleton API
+    @classmethod
+    def supported(cls) -> bool:
+        """Whether the configured provider can be imported (real deep_ep, or the reference providers)."""
+        return provider_importable(get_settings().settings.provider)
+
+    @classmethod
+    def is_initialized(cls) -> bool:
+        return cls._initialized
+
+    @staticmethod
+    def create(config: DeepepWrapperConfig, group: Optional[dist.ProcessGroup] = None, *,
+               settings: Optional[LoadedSettings] = None) -> "DeepEPWrapper":
+        """Build the process's buffer (collective over ``group``, WORLD by default).
+
+        Raises RuntimeError if torch.distributed is not initialized or a wrapper with a different config exists,
+        ValueError for an invalid config (before any communication), and BackendUnavailableError in strict mode.
+        """
+        cls = DeepEPWrapper
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("torch.distributed must be initialized before DeepEPWrapper.create")
+        with cls._lock:
+            if cls._instance is not None:
+                if cls._instance.config.equal(config):
+                    logger.warning("DeepEPWrapper already created with this config; reusing it")
+                    return cls._instance
+                raise RuntimeError(f"DeepEPWrapper already created with a different config: "
+                                   f"{cls._instance.config} != {config}")
+            config.validate()
+            group = group if group is not None else dist.group.WORLD
+            if dist.get_world_size(group) != config.ep_size or dist.get_rank(group) != config.ep_rank:
+                raise ValueError(f"config says ep_rank={config.ep_rank}/ep_size={config.ep_size} but the group "
+                                 f"has rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
+            instance = cls(group, config, settings)
+            cls._instance, cls._initialized = instance, True
+            return instance
+
+    @classmethod
+    def get_instance(cls, config: DeepepWrapperConfig) -> "DeepEPWrapper":
+        """The existing wrapper; raises if none exists or its config differs (it never creates one)."""
+        with cls._lock:
+            if cls._instance is None:
+                raise RuntimeError("DeepEPWrapper is not initialized; call DeepEPWrapper.create(config) first")
+            if not cls._instance.config.equal(config):
+                raise RuntimeError(f"DeepEPWrapper config mismatch: {cls._instance.config} != {config}")
+            return cls._instance
+
+    @classmethod
+    def reset(cls) -> None:
+        """Destroy the buffer collectively (all ranks must call it) and free its memory."""
+        with cls._lock:
+            instance, cls._instance, cls._initialized = cls._instance, None, False
+            if instance is not None:
+                instance._destroy_buffer()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def buffer(self) -> Any:
+        return self._buffer
+
+    @property
+    def backend(self) -> Backend:
+        return self._decision.resolved
+
+    @property
+    def decision(self) -> BackendDecision:
+        return self._decision
+
+    @property
+    def provider(self) -> Provider:
+        assert self._provider is not None
+        return self._provider
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self._group
+
+    @property
+    def mode(self) -> DeepEPMode:
+        return self._mode
+
+    @property
+    def config(self) -> DeepepWrapperConfig:
+        return self._config
+
+    @property
+    def capacity(self) -> Optional[int]:
+        """Tokens per rank per dispatch the buffer accepts; None when unbounded (legacy normal)."""
+        return self._plan.capacity
+
+    @property
+    def buffer_bytes(self) -> dict[str, int]:
+        return dict(self._plan.bytes)
+
+    @property
+    def ep_rank(self) -> int:
+        return self._config.ep_rank
+
+    @property
+    def ep_size(self) -> int:
+        return self._config.ep_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self._config.hidden_size
+
+    @property
+    def num_experts(self) -> int:
+        return self._config.expert_num
+
+    @property
+    def num_topk(self) -> int:
+        return self._config.moe_k
+
+    @property
+    def ll_num_max_token_per_rank(self) -> int:
+        return self._config.ll_num_max_token_per_rank
+
+    @property
+    def num_sms(self) -> int:
+        return self._config.deep_ep_num_sm
+
+    @property
+    def use_accl_ep(self) -> bool:
+        """Always False: deepep-switch speaks upstream DeepEP and never sends ACCL-only arguments."""
+        return False

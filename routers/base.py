@@ -1,0 +1,172 @@
+"""The shared shape of both routers: rtp-llm's ``prepare``/``finalize`` signatures around a bound backend path.
+
+A router is built once per MoE layer from the wrapper's decision. The backend path (one class per backend per
+router) is chosen in ``__init__``; ``prepare`` and ``finalize`` only validate shapes (no host sync), slice by TP,
+call the bound path and build the payload. The dispatch handle lives on the router between the two calls: it must
+be empty when ``prepare`` starts and is cleared by ``finalize`` (even if the combine raises).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from deepep_switch.backend import Backend
+from deepep_switch.config import DeepEPMode
+from deepep_switch.fp8 import quantize_fp8
+from deepep_switch.settings import ProviderChoice
+from deepep_switch.wrapper import DeepEPWrapper
+
+from .payloads import CombineForwardPayload, ExpertForwardPayload, FinalizeArgs
+from .tp import TensorParallelSlicer
+
+logger = logging.getLogger("routers")
+
+# rtp-llm passes these ACCL-EP-only arguments on CUDA; upstream DeepEP has no use for them.
+FORK_ONLY_KWARGS = frozenset({"opt_level", "pertoken_quant"})
+_fork_kwargs_logged = False
+
+
+def ignore_fork_kwargs(kwargs: dict[str, Any]) -> None:
+    """Accept rtp-llm's fork-only kwargs (one debug line per process); reject anything else."""
+    global _fork_kwargs_logged
+    unknown = set(kwargs) - FORK_ONLY_KWARGS
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
+    if kwargs and not _fork_kwargs_logged:
+        _fork_kwargs_logged = True
+        logger.debug("ignoring ACCL-EP-only arguments %s: upstream DeepEP has no such options", sorted(kwargs))
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    """How a router dispatches, fixed at construction.
+
+    Attributes:
+        use_fp8: dispatch FP8 e4m3 with float32 scales per token per 128 channels (DeepEP's recipe).
+        round_scale: round FP8 scales up to powers of two (for UE8M0-consuming GEMMs).
+        expert_alignment: normal router: pad each local expert's count to a multiple of this.
+        global_expert_ids: normal router: give the executor global expert ids, with -1 mapped to a zero-weight
+            dummy expert (rtp-llm's bf16/W4A8 executors want this); default: local ids with -1.
+        tp_rank / tp_size / tp_group: attention tensor parallelism (slice before dispatch, gather after combine).
+    """
+
+    use_fp8: bool = False
+    round_scale: bool = False
+    expert_alignment: int = 1
+    global_expert_ids: bool = False
+    tp_rank: int = 0
+    tp_size: int = 1
+    tp_group: Optional[dist.ProcessGroup] = None
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class RouterBase(ABC):
+    """prepare/finalize around one bound backend path. Subclasses: NormalRouter, LowLatencyRouter."""
+
+    mode: DeepEPMode
+
+    def __init__(self, wrapper: DeepEPWrapper, options: Optional[RouterOptions] = None, **fork_kwargs: Any) -> None:
+        ignore_fork_kwargs(fork_kwargs)
+        options = options or RouterOptions()
+        if wrapper.mode is not self.mode:
+            raise ValueError(f"{type(self).__name__} needs a wrapper built in {self.mode.name} mode, "
+                             f"got {wrapper.mode.name}")
+        if options.expert_alignment < 1:
+            raise ValueError("expert_alignment must be >= 1")
+        cfg = wrapper.config
+        self.wrapper = wrapper
+        self.options = options
+        self.num_experts, self.num_topk, self.hidden_size = cfg.expert_num, cfg.moe_k, cfg.hidden_size
+        self.ep_rank, self.ep_size = cfg.ep_rank, cfg.ep_size
+        self.num_local_experts = cfg.expert_num // cfg.ep_size
+        self.capacity = wrapper.capacity
+        self._tp = TensorParallelSlicer(options.tp_rank, options.tp_size, options.tp_group)
+        self._quantize = (lambda x: quantize_fp8(x, options.round_scale)) if options.use_fp8 else identity
+        self._handle: Any = None
+        self._path = self._bind(wrapper.backend, wrapper.provider.choice is ProviderChoice.DEEP_EP)
+        logger.debug("%s bound to %s path %s", type(self).__name__, wrapper.backend.value, type(self._path).__name__)
+
+    @abstractmethod
+    def _bind(self, backend: Backend, real_deep_ep: bool) -> Any:
+        """Return the path object for ``backend`` (checking the library's limits when ``real_deep_ep``)."""
+
+    @abstractmethod
+    def _prepare(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[ExpertForwardPayload, Any]:
+        """TP-sliced bf16 ``x [T,H]``, int64 ``ids [T,K]``, float32 ``weights [T,K]`` -> (payload, handle)."""
+
+    @abstractmethod
+    def _finalize(self, y: torch.Tensor, handle: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Expert output in the payload layout -> combined bf16 ``[T_tp, H]``."""
+
+    @property
+    def backend(self) -> Backend:
+        return self.wrapper.backend
+
+    @property
+    def handle(self) -> Any:
+        """The dispatch handle between prepare and finalize (the backend's own type), else None."""
+        return self._handle
+
+    def prepare(self, a1: torch.Tensor, a1_scale: Optional[torch.Tensor], a2_scale: Optional[torch.Tensor],
+                topk_weights: torch.Tensor, topk_ids: torch.Tensor, **fork_kwargs: Any) -> ExpertForwardPayload:
+        """Dispatch this rank's tokens to their experts.
+
+        Args:
+            a1: bf16 ``[T, H]`` hidden states (the whole attention-TP batch; sliced here).
+            a1_scale / a2_scale: must be None (the router quantises itself when ``use_fp8``).
+            topk_weights: float32 ``[T, K]`` routing weights.
+            topk_ids: int32/int64 ``[T, K]`` global expert ids, -1 for none.
+        """
+        ignore_fork_kwargs(fork_kwargs)
+        if a1_scale is not None or a2_scale is not None:
+            raise ValueError("a1_scale and a2_scale must be None: the router quantises a1 itself")
+        if self._handle is not None:
+            raise RuntimeError("prepare() called twice without finalize(): the previous dispatch is still open")
+        tokens = self._check_inputs(a1, topk_weights, topk_ids)
+        local = self._tp.tokens_per_rank(tokens)
+        if self.capacity is not None and local > self.capacity:
+            raise ValueError(f"{local} tokens per rank exceed the buffer capacity of {self.capacity} "
+                             "(raise the wrapper config's max tokens per rank or RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK)")
+        payload, self._handle = self._prepare(
+            self._tp.slice(a1), self._tp.slice(topk_ids).to(torch.int64), self._tp.slice(topk_weights))
+        return payload
+
+    def finalize(self, payload: CombineForwardPayload, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 apply_router_weight_on_input: bool, extra_finalize_args: Optional[FinalizeArgs] = None,
+                 skip_allreduce: bool = False, **fork_kwargs: Any) -> torch.Tensor:
+        """Return the expert outputs to their tokens: bf16 ``[original_num_tokens, H]``.
+
+        ``topk_weights``/``topk_ids`` are the payload's (as rtp-llm's FusedMoe passes them);
+        ``apply_router_weight_on_input`` is ignored, as in rtp-llm's DeepEP routers.
+        """
+        ignore_fork_kwargs(fork_kwargs)
+        if skip_allreduce:
+            raise ValueError("skip_allreduce is not supported by the DeepEP routers")
+        if self._handle is None:
+            raise RuntimeError("finalize() without a matching prepare()")
+        handle, self._handle = self._handle, None
+        out = self._finalize(payload.fused_expert_output, handle, topk_weights, topk_ids)
+        original = (extra_finalize_args or {}).get("original_num_tokens")
+        return self._tp.gather(out, original)
+
+    def _check_inputs(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> int:
+        if a1.dim() != 2 or a1.shape[1] != self.hidden_size or a1.dtype != torch.bfloat16:
+            raise ValueError(f"a1 must be bf16 [T, {self.hidden_size}], got {a1.dtype} {tuple(a1.shape)}")
+        expected = (a1.shape[0], self.num_topk)
+        if tuple(topk_ids.shape) != expected or tuple(topk_weights.shape) != expected:
+            raise ValueError(f"topk_ids/topk_weights must be {list(expected)}, got "
+                             f"{list(topk_ids.shape)}/{list(topk_weights.shape)}")
+        if topk_weights.dtype != torch.float32:
+            raise ValueError(f"topk_weights must be float32, got {topk_weights.dtype}")
+        if topk_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+        return a1.shape[0]

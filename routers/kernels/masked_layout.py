@@ -1,0 +1,88 @@
+"""Conversion between ElasticBuffer's expanded rows and the legacy low-latency ``[E_local, R*N, H]`` layout.
+
+``ElasticBuffer.dispatch(do_expand=True, do_cpu_sync=False)`` returns one row per (token, local expert), expert
+``e`` occupying rows ``[start[e], start[e] + count[e])`` with ``start = psum - count`` known only on the device.
+The low-latency executor wants expert ``e``'s rows at ``expert_x[e, :count[e]]``.
+
+* :func:`pack_rows` (prepare): ``expert_x[e, i] = rows[start[e] + i]`` for ``i < count[e]``.
+* :func:`unpack_rows` (finalize): ``out[start[e] + i] = bf16(float(y[e, i]) * weight[start[e] + i])``, the
+  top-k weighting that ``ElasticBuffer.combine`` never applies.
+
+Neither reads the counts on the host, so both are CUDA-graph capturable. :class:`LayoutOps` picks the Triton
+kernels (which touch only valid rows) on CUDA when Triton is importable, else the torch versions here (which
+gather the whole worst case: fine on CPU and as a reference, too slow for decode).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+logger = logging.getLogger("routers.kernels")
+
+
+def _row_index(start: torch.Tensor, capacity: int) -> torch.Tensor:
+    i = torch.arange(capacity, device=start.device)
+    return start.to(torch.int64).unsqueeze(1) + i.unsqueeze(0)
+
+
+def pack_rows_torch(rows: torch.Tensor, start: torch.Tensor, count: torch.Tensor, capacity: int,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Torch version of :func:`pack_rows` (gathers ``E_local * capacity`` rows; rows past ``count`` are junk).
+
+    Args:
+        rows: ``[R_rows, W]`` expanded rows (any dtype).
+        start / count: int32 ``[E_local]`` on ``rows.device``.
+        capacity: rows per expert in the output (``R * N``).
+        out: optional ``[E_local, capacity, W]`` destination (any strides).
+    """
+    experts = start.shape[0]
+    src = _row_index(start, capacity).clamp_(0, max(rows.shape[0] - 1, 0))
+    gathered = rows[src.reshape(-1)].reshape(experts, capacity, *rows.shape[1:])
+    if out is None:
+        return gathered
+    out.copy_(gathered)
+    return out
+
+
+def unpack_rows_torch(y: torch.Tensor, weights: torch.Tensor, start: torch.Tensor, count: torch.Tensor,
+                      num_rows: int) -> torch.Tensor:
+    """Torch version of :func:`unpack_rows`: weighted expert outputs back into ``[num_rows, H]`` bf16 rows.
+
+    Rows that belong to no expert are left uninitialised (combine never reads them).
+    """
+    experts, capacity, hidden = y.shape
+    idx = _row_index(start, capacity)
+    valid = torch.arange(capacity, device=y.device).unsqueeze(0) < count.to(torch.int64).unsqueeze(1)
+    dst = torch.where(valid, idx, torch.full_like(idx, num_rows))  # invalid rows land in a spare last row
+    w = weights.float()[idx.clamp(0, max(num_rows - 1, 0))]
+    values = (y.float() * w.unsqueeze(-1)).to(torch.bfloat16)
+    out = torch.empty((num_rows + 1, hidden), dtype=torch.bfloat16, device=y.device)
+    out.index_copy_(0, dst.reshape(-1), values.reshape(-1, hidden))
+    return out[:num_rows]
+
+
+class LayoutOps(NamedTuple):
+    """The pair of conversion functions bound by a low-latency router at construction."""
+
+    name: str
+    pack: Callable[..., torch.Tensor]
+    unpack: Callable[..., torch.Tensor]
+
+
+TORCH_OPS = LayoutOps("torch", pack_rows_torch, unpack_rows_torch)
+
+
+def layout_ops_for(device: torch.device) -> LayoutOps:
+    """Triton kernels on CUDA when Triton imports, else the torch versions."""
+    if device.type != "cuda":
+        return TORCH_OPS
+    try:
+        from .triton_masked_layout import TRITON_OPS
+    except Exception as exc:  # no Triton, or one that cannot build for this GPU
+        logger.warning("Triton layout kernels unavailable (%s); the elastic low-latency path uses the slower "
+                       "torch conversion", exc)
+        return TORCH_OPS
+    return TRITON_OPS
