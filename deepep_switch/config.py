@@ -20,6 +20,7 @@ _PER_TOKEN_METHODS = {
     "W4A8_INT4_PER_CHANNEL", "W4A8_INT4_PER_CHANNEL_COMPRESSED",
 }
 _BLOCK_METHODS = {"FP8_PER_BLOCK", "modelopt_fp4"}
+_FP8_METHODS = {"FP8_PER_BLOCK", "FP8_PER_TENSOR_COMPRESSED", "FP8_DYNAMIC_PER_TENSOR"}
 
 
 class DeepEPMode(IntEnum):
@@ -131,9 +132,15 @@ class DeepepWrapperConfig:
 
     @classmethod
     def from_config_adapter(cls, adapter: Any, ll_num_max_token_per_rank: int = 0) -> "DeepepWrapperConfig":
-        """Build from rtp-llm's ``MoEConfigAdapter`` (duck-typed: no rtp_llm import)."""
+        """Build from rtp-llm's ``MoEConfigAdapter`` (duck-typed: no rtp_llm import).
+
+        ``use_fp8_dispatch`` follows the model's quant method (FP8 methods size the ElasticBuffer for FP8);
+        ``max_tokens_per_rank`` keeps its default (override with ``RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK``).
+        """
         par, model, moe = adapter.parallelism_config, adapter.model_config, adapter.moe_config
         ffn = getattr(par, "ffn_disaggregate_config", None)
+        quant = getattr(model, "quant_config", None)
+        method = quant.get_method() if quant is not None and quant.is_quanted() else None
         return cls(
             ep_rank=par.ep_rank, ep_size=par.ep_size, tp_size=par.tp_size, local_rank=par.local_rank,
             world_size=par.world_size, hidden_size=model.hidden_size, expert_num=model.expert_num,
@@ -143,5 +150,5 @@ class DeepepWrapperConfig:
             enable_ffn_disaggregate=bool(getattr(ffn, "enable_ffn_disaggregate", False)),
             attention_tp_size=getattr(ffn, "attention_tp_size", 0), attention_dp_size=getattr(ffn, "attention_dp_size", 0),
             ffn_tp_size=getattr(ffn, "ffn_tp_size", 0), ffn_dp_size=getattr(ffn, "ffn_dp_size", 0),
-            ll_num_max_token_per_rank=ll_num_max_token_per_rank,
+            ll_num_max_token_per_rank=ll_num_max_token_per_rank, use_fp8_dispatch=method in _FP8_METHODS,
         )

@@ -27,10 +27,10 @@ class DemoSpec:
 
 def run_rank(rank: int, world: int, spec: DemoSpec, device_kind: str) -> dict[str, Any]:
     """One rank of the demo (called by :func:`deepep_switch.launch.spawn`). Returns a printable summary."""
-    from routers import CombineForwardPayload, LowLatencyRouter, NormalRouter, RouterOptions
+    from routers import LowLatencyRouter, NormalRouter, RouterOptions
 
     from .config import DeepepWrapperConfig
-    from .testing import ToyExperts, dense_reference, low_latency_executor, make_problem, normal_executor, relative_error
+    from .testing import ToyExperts, dense_reference, make_problem, relative_error, run_moe_layer
     from .wrapper import DeepEPWrapper
 
     device = torch.device("cuda", rank) if device_kind == "cuda" else torch.device("cpu")
@@ -49,17 +49,8 @@ def run_rank(rank: int, world: int, spec: DemoSpec, device_kind: str) -> dict[st
         wrapper = DeepEPWrapper.create(config)
         try:
             router = (LowLatencyRouter if low_latency else NormalRouter)(wrapper, RouterOptions())
-            payload = router.prepare(x, None, None, weights, ids)
-            if low_latency:
-                result = low_latency_executor(payload, experts, rank)
-                rows = int(payload.expert_tokens_meta.expert_num_tokens.sum())  # type: ignore[union-attr]
-            elif payload.expert_x.numel() == 0:  # rtp-llm skips the executor when nothing arrived
-                result, rows = CombineForwardPayload(torch.empty_like(payload.expert_x, dtype=torch.bfloat16)), 0
-            else:
-                result = normal_executor(payload, experts, rank, router.num_local_experts)
-                rows = payload.expert_x.shape[0]
-            out = router.finalize(result, payload.expert_topk_weights, payload.expert_topk_ids, False,
-                                  {"original_num_tokens": x.shape[0]})
+            out = run_moe_layer(router, x, ids, weights, experts, rank)
+            rows = received_rows(router)
             name = "low_latency" if low_latency else "normal"
             summary[name] = {
                 "backend": wrapper.backend.value, "received_rows": rows,

@@ -29,8 +29,12 @@ def free_port() -> int:
 
 
 def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, backend: str, args: Sequence[Any],
-           env: dict[str, str], timeout_s: float, results: Any) -> None:
-    os.environ.update(env)
+           env: dict[str, Optional[str]], timeout_s: float, results: Any) -> None:
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     import torch
@@ -39,6 +43,8 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, backen
     try:
         kwargs: dict[str, Any] = dict(backend=backend, rank=rank, world_size=world_size,
                                       timeout=datetime.timedelta(seconds=timeout_s))
+        if backend != "nccl":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # no oversubscription on CPU
         if backend == "nccl":
             torch.cuda.set_device(rank)
             kwargs["device_id"] = torch.device("cuda", rank)
@@ -53,7 +59,7 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, backen
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *, args: Sequence[Any] = (), backend: str = "gloo",
-          env: Optional[dict[str, str]] = None, timeout_s: float = 180.0) -> list[Any]:
+          env: Optional[dict[str, Optional[str]]] = None, timeout_s: float = 180.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results by rank.
 
     Args:
@@ -61,7 +67,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: Sequence[Any] = (), 
         world_size: number of processes (ranks).
         args: extra positional arguments for ``fn`` (picklable).
         backend: torch.distributed backend: "gloo" (CPU) or "nccl" (one GPU per rank).
-        env: environment variables set in every child before it imports anything else.
+        env: environment variables set (or, with value None, removed) in every child before it imports
+            anything else.
         timeout_s: wall-clock limit for the whole run; the process-group timeout too.
     """
     ctx = mp.get_context("spawn")

@@ -8,7 +8,7 @@ engineers' unit tests on the reference providers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -55,14 +55,25 @@ def make_problem(seed: int, tokens_per_rank: list[int], hidden: int, num_experts
 
 
 class ToyExperts:
-    """``E`` small float32 MLPs: ``f_e(x) = gelu(x @ W_e)``. Distinct per expert, so any mix-up shows."""
+    """``E`` small float32 MLPs ``f_e(x) = gelu(x @ A_e) @ B_e`` (rank ``r``), distinct per expert so any
+    mix-up of rows, experts or weights shows, and small enough for hidden 7168 with 64 experts on a GPU."""
 
-    def __init__(self, seed: int, num_experts: int, hidden: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, seed: int, num_experts: int, hidden: int, device: torch.device | str = "cpu",
+                 rank: int = 64) -> None:
         gen = torch.Generator().manual_seed(seed + 7919)
-        self.w = (torch.randn((num_experts, hidden, hidden), generator=gen) / hidden ** 0.5).to(device)
+        self.a = (torch.randn((num_experts, hidden, rank), generator=gen) / hidden ** 0.5).to(device)
+        self.b = (torch.randn((num_experts, rank, hidden), generator=gen) / rank ** 0.5).to(device)
+
+    @property
+    def num_experts(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
 
     def __call__(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.gelu(x.float() @ self.w[expert])
+        return torch.nn.functional.gelu(x.float() @ self.a[expert]) @ self.b[expert]
 
 
 def dense_reference(problem: MoEProblem, experts: ToyExperts, fp8: bool = False) -> torch.Tensor:
@@ -70,12 +81,12 @@ def dense_reference(problem: MoEProblem, experts: ToyExperts, fp8: bool = False)
 
     With ``fp8`` the experts see ``x`` after DeepEP's FP8 round trip (quantise, dequantise), as the executor does.
     """
-    x = problem.x.float().to(experts.w.device)
+    x = problem.x.float().to(experts.device)
     if fp8:
         x = dequantize_fp8(*quantize_fp8(x))
     ids, weights = problem.topk_ids.to(x.device), problem.topk_weights.to(x.device)
     out = torch.zeros_like(x)
-    for e in range(experts.w.shape[0]):
+    for e in range(experts.num_experts):
         rows, k = torch.nonzero(ids == e, as_tuple=True)
         if rows.numel():
             out.index_add_(0, rows, weights[rows, k].unsqueeze(1) * experts(e, x[rows]))
@@ -119,6 +130,33 @@ def low_latency_executor(payload: ExpertForwardPayload, experts: ToyExperts, ep_
         if n:
             y[e, :n] = experts(ep_rank * local_experts + e, x[e, :n])
     return CombineForwardPayload(y.to(torch.bfloat16))
+
+
+def masked_executor(payload: ExpertForwardPayload, experts: ToyExperts, ep_rank: int) -> CombineForwardPayload:
+    """A CUDA-graph-safe low-latency executor: like a masked GEMM it computes every row of ``[E_local, R*N, H]``
+    without reading the counts on the host; rows past ``expert_num_tokens`` hold whatever they hold."""
+    x = _expert_input(payload)
+    local_experts = x.shape[0]
+    y = torch.stack([experts(ep_rank * local_experts + e, x[e]) for e in range(local_experts)])
+    return CombineForwardPayload(y.to(torch.bfloat16))
+
+
+def run_moe_layer(router: Any, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  experts: ToyExperts, ep_rank: int) -> torch.Tensor:
+    """One MoE layer as rtp-llm's ``FusedMoe.forward`` runs it: prepare -> executor -> finalize.
+
+    The executor is skipped when nothing arrived (normal mode), exactly as rtp-llm does, so combine sees 0 rows.
+    Low-latency routers get :func:`low_latency_executor`, normal routers :func:`normal_executor`.
+    """
+    payload = router.prepare(x, None, None, topk_weights, topk_ids)
+    if payload.expert_x.dim() == 3:
+        result = low_latency_executor(payload, experts, ep_rank)
+    elif payload.expert_x.numel() == 0:
+        result = CombineForwardPayload(torch.empty_like(payload.expert_x, dtype=torch.bfloat16))
+    else:
+        result = normal_executor(payload, experts, ep_rank, router.num_local_experts)
+    return router.finalize(result, payload.expert_topk_weights, payload.expert_topk_ids, False,
+                           {"original_num_tokens": x.shape[0]})
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -91,12 +91,13 @@ class DeepEPWrapper:
         buffer, self._buffer = self._buffer, None
         if buffer is None:
             return
-        if torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.synchronize()
         buffer.destroy()  # collective; every plan sets explicitly_destroy=True
         del buffer
-        gc.collect()
-        if torch.cuda.is_available():
+        if cuda:  # return the freed blocks to the driver so memory_reserved() drops back
+            gc.collect()
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ rtp-llm singleton API

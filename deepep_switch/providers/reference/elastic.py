@@ -41,6 +41,7 @@ class _ElasticRoute:
     perm: torch.Tensor             # [num_recv] output row of the i-th received row (arrival order)
     slots: Optional[torch.Tensor]  # expand: [num_recv, K] output slot row per (received row, k), -1 if none
     num_rows: int                  # rows of every dispatch output (worst case without CPU sync)
+    padding: Optional[torch.Tensor] = None  # expand: [num_rows] bool, alignment padding rows
 
 
 class ReferenceEPHandle:
@@ -122,7 +123,8 @@ class ReferenceElasticBuffer:
         if handle is not None:
             assert topk_idx is None, "cached dispatch reuses handle.topk_idx"
             assert do_cpu_sync is None or not do_cpu_sync, "Cannot do CPU sync with cached handle"
-            return self._cached_dispatch(x_data, sf, topk_weights, handle)
+            recv, idx, w, h, ev = self._cached_dispatch(x_data, sf, topk_weights, handle, do_zero_padding)
+            return self._sf_layout(recv, use_tma_aligned_col_major_sf), idx, w, h, ev
         assert topk_idx is not None and num_experts is not None, "non-cached dispatch needs topk_idx and num_experts"
         m = num_max_tokens_per_rank or self.num_max_tokens_per_rank
         assert x_data.shape[0] <= m, f"{x_data.shape[0]} tokens exceed num_max_tokens_per_rank={m}"
@@ -190,7 +192,18 @@ class ReferenceElasticBuffer:
             num_unaligned_recv_tokens_per_expert=counts.to(torch.int32), recv_src_metadata=meta_rows,
             dst_buffer_slot_idx=None, token_metadata_at_forward=None, channel_linked_list=None, _route=route)
         recv = (recv_x_out, recv_sf_out) if sf is not None else recv_x_out
-        return recv, recv_idx_out, recv_w_out, new_handle, NoEvent()
+        return self._sf_layout(recv, use_tma_aligned_col_major_sf), recv_idx_out, recv_w_out, new_handle, NoEvent()
+
+    @staticmethod
+    def _sf_layout(recv: XType, tma_aligned: bool) -> XType:
+        """DeepEP's ``use_tma_aligned_col_major_sf``: scales with strides ``(1, align(rows, 4))``."""
+        if not tma_aligned or not isinstance(recv, tuple):
+            return recv
+        x, sf = recv
+        rows = sf.shape[0]
+        col_major = torch.empty((sf.shape[1], -(-rows // 4) * 4), dtype=sf.dtype, device=sf.device)
+        col_major[:, :rows] = sf.t()
+        return x, col_major.t()[:rows]
 
     def _arrival_permutation(self, recv_counts: list[int], src_global: torch.Tensor,
                              device: torch.device) -> torch.Tensor:
@@ -267,23 +280,31 @@ class ReferenceElasticBuffer:
         if recv_w is not None:
             w_out = _garbage_like((route.num_rows,), torch.float32, device)
             w_out[slot] = recv_w[row_of, k_of]
+        route.padding = self._padding_rows(route.num_rows, slot, int(aligned.sum()), device)
         if zero_padding:
-            pad = torch.ones(route.num_rows, dtype=torch.bool, device=device)
-            pad[slot] = False
-            pad[int(aligned.sum()):] = False
             for t in (x_out, sf_out, w_out):
                 if t is not None:
-                    t[pad] = 0
+                    t[route.padding] = 0
         psum = (starts + counts).to(torch.int32)
         return x_out, sf_out, None, w_out, psum
 
+    @staticmethod
+    def _padding_rows(num_rows: int, slot: torch.Tensor, aligned_total: int, device: torch.device) -> torch.Tensor:
+        """Alignment padding inside the experts' ranges (not the worst-case tail past them)."""
+        pad = torch.ones(num_rows, dtype=torch.bool, device=device)
+        pad[slot] = False
+        pad[aligned_total:] = False
+        return pad
+
     def _cached_dispatch(self, x: torch.Tensor, sf: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
-                         handle: ReferenceEPHandle):
+                         handle: ReferenceEPHandle, zero_padding: bool):
         route: _ElasticRoute = handle._route
         moved = self._move(x, sf, route, topk_weights)
         rx, rsf = moved[0], moved[1]
         rw = moved[2] if topk_weights is not None else None
         if handle.do_expand:
+            if topk_weights is not None and not self.allow_multiple_reduction:
+                raise RuntimeError("expand combine with topk_weights needs allow_multiple_reduction=True")
             slots = route.slots
             row_of, k_of = torch.nonzero(slots >= 0, as_tuple=True)
             slot = slots[row_of, k_of]
@@ -297,6 +318,10 @@ class ReferenceElasticBuffer:
             if rw is not None:
                 w_out = _garbage_like((route.num_rows,), torch.float32, rx.device)
                 w_out[slot] = rw[row_of, k_of]
+            if zero_padding:
+                for t in (x_out, sf_out, w_out):
+                    if t is not None:
+                        t[route.padding] = 0
             recv = (x_out, sf_out) if sf is not None else x_out
             return recv, None, w_out, handle, NoEvent()
         local = handle.num_experts // self.num_ranks
@@ -322,6 +347,8 @@ class ReferenceElasticBuffer:
         topk = handle.topk_idx.shape[1]
         hidden = x.shape[1]
         if handle.do_expand:
+            if topk_weights is not None and not self.allow_multiple_reduction:
+                raise RuntimeError("expand combine with topk_weights needs allow_multiple_reduction=True")
             slots = route.slots
             safe = slots.clamp(min=0)
             mask = (slots >= 0).unsqueeze(-1)
@@ -332,8 +359,11 @@ class ReferenceElasticBuffer:
             per_token = x[route.perm].float()
             if topk_weights is not None:
                 w_rows = topk_weights[route.perm].float()
-        parts: list[tuple[torch.dtype, tuple[int, ...]]] = [(torch.bfloat16, (hidden,))]
-        tensors = [per_token.to(torch.bfloat16)]
+        # With multiple reduction each rank's partial sum is rounded to bf16 before it travels; without it the
+        # copies reach the source unrounded and are reduced (and rounded) once.
+        partial = torch.bfloat16 if self.allow_multiple_reduction else torch.float32
+        parts: list[tuple[torch.dtype, tuple[int, ...]]] = [(partial, (hidden,))]
+        tensors = [per_token.to(partial)]
         if topk_weights is not None:
             parts.append((torch.float32, (topk,)))
             tensors.append(w_rows)

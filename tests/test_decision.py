@@ -1,0 +1,166 @@
+"""The backend decision: the pure agreement rules, then real 4-process consensus over gloo with skewed env."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from deepep_switch.backend import Backend
+from deepep_switch.decision import AGREED_KNOBS, BackendUnavailableError, Vote, agree, resolve_backend
+from deepep_switch.launch import spawn
+from deepep_switch.preflight import CHECK_NAMES, Check, PreflightReport
+from deepep_switch.settings import BackendChoice, ProviderChoice, load_settings
+
+MODES = list(BackendChoice)
+GIN_BIT = 1 << CHECK_NAMES.index("gin")
+
+
+def vote(mode: str = "legacy", strict: bool = False, elastic_fail: int = 0, legacy_fail: int = 0,
+         provider: str = "reference", problems: int = 0, **knobs: int) -> Vote:
+    values = {k: 0 for k in AGREED_KNOBS}
+    values.update(elastic_allow_hybrid=1, elastic_prefer_overlap=1, elastic_allow_multiple_reduction=1)
+    values.update(knobs)
+    return Vote(provider=list(ProviderChoice).index(ProviderChoice(provider)), mode=MODES.index(BackendChoice(mode)),
+                strict=int(strict), elastic_fail_mask=elastic_fail, legacy_fail_mask=legacy_fail,
+                knob_problems=problems, **values)
+
+
+def test_unanimous_elastic_resolves_elastic():
+    a = agree([vote("elastic")] * 4)
+    assert a.resolved is Backend.ELASTIC and a.error is None and a.runnable and not a.disagreements
+
+
+def test_unanimous_legacy_and_auto_with_feasibility():
+    assert agree([vote("legacy")] * 2).resolved is Backend.LEGACY
+    assert agree([vote("auto")] * 3).resolved is Backend.ELASTIC
+    a = agree([vote("auto"), vote("auto", elastic_fail=GIN_BIT), vote("auto")])
+    assert a.resolved is Backend.LEGACY and a.error is None
+    assert "[1]" in a.reasons[-1] and "gin" in a.reasons[-1]
+
+
+def test_disagreeing_requests_resolve_legacy_and_name_the_ranks():
+    a = agree([vote("elastic"), vote("elastic"), vote("legacy"), vote("auto")])
+    assert a.resolved is Backend.LEGACY and a.error is None
+    assert a.disagreements["backend"] == {"elastic": [0, 1], "legacy": [2], "auto": [3]}
+    assert "[0, 1]" in a.reasons[0] and "[2]" in a.reasons[0]
+
+
+def test_strict_turns_every_fallback_into_an_error():
+    assert agree([vote("elastic", strict=True), vote("legacy")]).error
+    assert agree([vote("elastic", strict=True), vote("elastic", elastic_fail=GIN_BIT)]).error
+    # auto promises a fallback, so strict does not forbid it
+    assert agree([vote("auto", strict=True), vote("auto", elastic_fail=GIN_BIT)]).error is None
+    assert agree([vote("legacy", strict=True), vote("legacy", problems=1)]).error
+
+
+def test_knob_disagreement_uses_defaults_everywhere():
+    a = agree([vote("elastic", num_sms=24), vote("elastic", num_sms=20), vote("elastic", num_sms=24)])
+    assert a.knobs["num_sms"] == 0 and a.resolved is Backend.ELASTIC and a.error is None
+    assert a.disagreements["num_sms"] == {"24": [0, 2], "20": [1]}
+    assert agree([vote("elastic", num_sms=24), vote("elastic", num_sms=20, strict=True)]).error
+    assert agree([vote("elastic", max_tokens_per_rank=64)] * 2).knobs["max_tokens_per_rank"] == 64
+
+
+def test_provider_disagreement_is_always_an_error():
+    a = agree([vote("legacy", provider="deep_ep"), vote("legacy", provider="reference")])
+    assert a.error and "DEEPEP_SWITCH_PROVIDER" in a.error
+
+
+def test_legacy_unrunnable_is_reported():
+    a = agree([vote("legacy"), vote("legacy", legacy_fail=1 << CHECK_NAMES.index("deep_ep_import"))])
+    assert a.resolved is Backend.LEGACY and not a.runnable and "deep_ep_import" in a.reasons[-1]
+
+
+def test_vote_round_trips_through_ints():
+    v = vote("auto", strict=True, elastic_fail=5, num_sms=24)
+    assert Vote.from_ints(v.to_ints()) == v
+
+
+def test_single_process_decision_without_torch_distributed(monkeypatch):
+    monkeypatch.setenv("DEEPEP_SWITCH_PROVIDER", "reference")
+    monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", "auto")
+    decision = resolve_backend()
+    assert decision.requested is Backend.ELASTIC and decision.resolved is Backend.ELASTIC
+    assert decision.requested_mode is BackendChoice.AUTO and decision.consensus is None
+
+
+def test_unknown_value_is_named_in_the_reasons(monkeypatch):
+    monkeypatch.setenv("DEEPEP_SWITCH_PROVIDER", "reference")
+    monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", "elastik")
+    decision = resolve_backend()
+    assert decision.resolved is Backend.LEGACY and "'elastik'" in decision.reasons[0]
+
+
+# ---------------------------------------------------------------------------------------------- multi-process
+
+def _failing_gin_report() -> PreflightReport:
+    return PreflightReport(provider=ProviderChoice.REFERENCE, checks=[
+        Check(name="gin", passed=False, detail="no RDMA NIC (faked)", gates=(Backend.ELASTIC,))])
+
+
+def _decide(env: dict[str, str], preflight=None):
+    for key in [k for k in os.environ if k.startswith("RTP_LLM_DEEPEP_")]:
+        del os.environ[key]
+    os.environ.update(env)
+    try:
+        d = resolve_backend(settings=load_settings(), preflight=preflight)
+    except BackendUnavailableError as exc:
+        return ("raised", str(exc))
+    return (d.resolved.value, d.reasons, d.settings.num_sms, d.consensus.disagreements if d.consensus else None)
+
+
+def _consensus_worker(rank: int, world: int) -> dict:
+    os.environ["DEEPEP_SWITCH_PROVIDER"] = "reference"
+    out = {}
+    requests = ["elastic", "elastic", "legacy", "garbage"]
+    out["skewed"] = _decide({"RTP_LLM_DEEPEP_BACKEND": requests[rank]})
+    out["skewed_strict"] = _decide({"RTP_LLM_DEEPEP_BACKEND": requests[rank],
+                                    "RTP_LLM_DEEPEP_STRICT": "1" if rank == 0 else "0"})
+    out["one_cannot"] = _decide({"RTP_LLM_DEEPEP_BACKEND": "elastic"},
+                                _failing_gin_report() if rank == 2 else None)
+    out["one_cannot_strict"] = _decide({"RTP_LLM_DEEPEP_BACKEND": "elastic", "RTP_LLM_DEEPEP_STRICT": "1"},
+                                       _failing_gin_report() if rank == 2 else None)
+    out["auto_one_cannot_strict"] = _decide({"RTP_LLM_DEEPEP_BACKEND": "auto", "RTP_LLM_DEEPEP_STRICT": "1"},
+                                            _failing_gin_report() if rank == 2 else None)
+    out["knob_skew"] = _decide({"RTP_LLM_DEEPEP_BACKEND": "elastic",
+                                "RTP_LLM_DEEPEP_NUM_SMS": "24" if rank == 1 else "20"})
+    out["all_elastic"] = _decide({"RTP_LLM_DEEPEP_BACKEND": " ELASTIC "})
+    # A rank that is late by more than the timeout: the others must raise, not hang.
+    if rank == 3:
+        time.sleep(6)
+        out["late"] = _decide({"RTP_LLM_DEEPEP_BACKEND": "elastic"})
+    else:
+        t0 = time.monotonic()
+        try:
+            _decide({"RTP_LLM_DEEPEP_BACKEND": "elastic", "RTP_LLM_DEEPEP_CONSENSUS_TIMEOUT_S": "2"})
+            out["late"] = ("no timeout", time.monotonic() - t0)
+        except Exception as exc:  # ConsensusTimeout
+            out["late"] = (type(exc).__name__, time.monotonic() - t0)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_four_ranks_with_skewed_environments_agree_without_hanging():
+    results = spawn(_consensus_worker, 4, timeout_s=90)
+
+    skewed = [r["skewed"] for r in results]
+    assert all(s[0] == "legacy" for s in skewed), skewed
+    assert all(s[3]["backend"] == {"elastic": [0, 1], "legacy": [2, 3]} for s in skewed)  # garbage -> legacy
+    assert "'garbage'" in skewed[3][1][0]  # the rank with the bad value says so in its reasons
+
+    assert all(r["skewed_strict"][0] == "raised" for r in results)
+    assert all("[0, 1]" in r["skewed_strict"][1] for r in results)
+
+    assert all(r["one_cannot"][0] == "legacy" for r in results)
+    assert all("[2]" in r["one_cannot"][1][-1] and "gin" in r["one_cannot"][1][-1] for r in results)
+    assert all(r["one_cannot_strict"][0] == "raised" for r in results)
+    assert all(r["auto_one_cannot_strict"][0] == "legacy" for r in results)
+
+    assert all(r["knob_skew"][0] == "elastic" and r["knob_skew"][2] == 0 for r in results)
+    assert all(r["all_elastic"][0] == "elastic" for r in results)
+
+    for rank, r in enumerate(results[:3]):
+        kind, waited = r["late"]
+        assert kind == "ConsensusTimeout" and 1.5 < waited < 10, (rank, r["late"])

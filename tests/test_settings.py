@@ -1,0 +1,140 @@
+"""Settings: RTP_LLM_DEEPEP_BACKEND never raises, unknown values warn exactly once, knobs are typed."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import random
+import string
+
+import pytest
+
+from deepep_switch.settings import (BackendChoice, ProviderChoice, SwitchSettings, env_name, get_settings,
+                                    load_settings, parse_backend, reload_settings)
+
+VALID = {"legacy": BackendChoice.LEGACY, "elastic": BackendChoice.ELASTIC, "auto": BackendChoice.AUTO}
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("deepep_switch")]
+
+
+def test_defaults_without_environment():
+    loaded = load_settings()
+    s = loaded.settings
+    assert s.backend is BackendChoice.LEGACY and not s.strict and s.provider is ProviderChoice.DEEP_EP
+    assert (s.num_sms, s.max_tokens_per_rank) == (0, 0)
+    assert loaded.problems == []
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("legacy", "legacy"), ("elastic", "elastic"), ("auto", "auto"), (" Elastic ", "elastic"),
+    ("\tAUTO\n", "auto"), ("LEGACY", "legacy"), ("", "legacy"), ("   ", "legacy"),
+])
+def test_accepted_values_are_case_and_space_insensitive(monkeypatch, caplog, raw, expected):
+    monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", raw)
+    with caplog.at_level(logging.WARNING):
+        loaded = load_settings()
+    assert loaded.settings.backend is VALID[expected]
+    assert _warnings(caplog) == []
+
+
+@pytest.mark.parametrize("raw", ["elasticc", "v2", "1", "legacy,elastic", "ELASTIC_BUFFER", "nccl", "none"])
+def test_unknown_value_falls_back_to_legacy_with_one_warning(monkeypatch, caplog, raw):
+    monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", raw)
+    with caplog.at_level(logging.WARNING):
+        loaded = load_settings()
+    assert loaded.settings.backend is BackendChoice.LEGACY
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+    message = warnings[0].getMessage()
+    assert repr(raw) in message and all(v in message for v in VALID)
+    assert loaded.backend_problem and not loaded.knob_problems
+
+
+def _random_value(rng: random.Random) -> str:
+    kind = rng.randrange(6)
+    if kind == 0:  # a valid value, mangled in case and surrounding whitespace
+        word = rng.choice(list(VALID))
+        word = "".join(c.upper() if rng.random() < 0.5 else c for c in word)
+        return rng.choice(["", " ", "\t", "\n"]) + word + rng.choice(["", " ", "\r\n"])
+    if kind == 1:  # a near miss
+        word = list(rng.choice(list(VALID)))
+        word.insert(rng.randrange(len(word) + 1), rng.choice(string.ascii_letters + "_-. "))
+        return "".join(word)
+    if kind == 2:
+        return "".join(rng.choice(string.printable.replace("\x0b", "").replace("\x0c", ""))
+                       for _ in range(rng.randrange(0, 40)))
+    if kind == 3:
+        return "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(rng.randrange(1, 12)))
+    if kind == 4:
+        return str(rng.randrange(-10, 10 ** 6))
+    return rng.choice(["", " ", "true", "false", "None", "null", "elastic\x01", "lega cy", "éLastic"])
+
+
+def test_fuzz_backend_value_never_raises_and_only_valid_values_matter(monkeypatch, caplog):
+    rng = random.Random(20261122)
+    seen_valid = 0
+    for i in range(1200):
+        raw = _random_value(rng)
+        monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", raw)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            loaded = load_settings()  # must never raise
+        normalised = raw.strip().lower()
+        warnings = _warnings(caplog)
+        if normalised in VALID:
+            seen_valid += 1
+            assert loaded.settings.backend is VALID[normalised], (i, raw)
+            assert warnings == [], (i, raw)
+        else:
+            assert loaded.settings.backend is BackendChoice.LEGACY, (i, raw)
+            assert len(warnings) == (1 if normalised else 0), (i, raw, [w.getMessage() for w in warnings])
+        assert parse_backend(raw)[0] is loaded.settings.backend
+    assert seen_valid > 100  # the fuzz really exercised the accepted values too
+
+
+@pytest.mark.parametrize("name,raw,field,default", [
+    ("RTP_LLM_DEEPEP_NUM_SMS", "abc", "num_sms", 0),
+    ("RTP_LLM_DEEPEP_NUM_SMS", "3", "num_sms", 0),
+    ("RTP_LLM_DEEPEP_NUM_SMS", "-2", "num_sms", 0),
+    ("RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK", "many", "max_tokens_per_rank", 0),
+    ("RTP_LLM_DEEPEP_STRICT", "maybe", "strict", False),
+    ("RTP_LLM_DEEPEP_CONSENSUS_TIMEOUT_S", "0", "consensus_timeout_s", 120.0),
+    ("RTP_LLM_DEEPEP_NCCL_BUILD_VERSION", "2.30", "nccl_build_version", ""),
+    ("DEEPEP_SWITCH_PROVIDER", "mock", "provider", ProviderChoice.DEEP_EP),
+])
+def test_malformed_knob_takes_its_default_and_warns(monkeypatch, caplog, name, raw, field, default):
+    monkeypatch.setenv(name, raw)
+    monkeypatch.setenv("RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC", "1")  # a valid neighbour must survive
+    with caplog.at_level(logging.WARNING):
+        loaded = load_settings()
+    assert getattr(loaded.settings, field) == default
+    assert loaded.settings.elastic_deterministic is True
+    assert len(loaded.knob_problems) == 1 and name in loaded.knob_problems[0]
+    assert len(_warnings(caplog)) == 1
+
+
+def test_typed_knobs_parse(monkeypatch):
+    for name, value in {"RTP_LLM_DEEPEP_STRICT": "1", "RTP_LLM_DEEPEP_NUM_SMS": "24",
+                        "RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK": "8192", "RTP_LLM_DEEPEP_ELASTIC_ALLOW_HYBRID": "0",
+                        "DEEPEP_SWITCH_PROVIDER": " Reference ", "EP_DISABLE_GIN": "1",
+                        "RTP_LLM_DEEPEP_NCCL_BUILD_VERSION": "2.30.7"}.items():
+        monkeypatch.setenv(name, value)
+    s = load_settings().settings
+    assert s.strict and s.num_sms == 24 and s.max_tokens_per_rank == 8192 and not s.elastic_allow_hybrid
+    assert s.provider is ProviderChoice.REFERENCE and s.ep_disable_gin and s.nccl_build_version == "2.30.7"
+
+
+def test_settings_are_read_once_per_process(monkeypatch):
+    monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", "elastic")
+    assert get_settings().settings.backend is BackendChoice.ELASTIC
+    monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", "legacy")
+    assert get_settings().settings.backend is BackendChoice.ELASTIC  # cached
+    assert reload_settings().settings.backend is BackendChoice.LEGACY
+
+
+def test_every_setting_is_documented():
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    for field in SwitchSettings.model_fields:
+        assert f"`{env_name(field)}`" in doc, f"{env_name(field)} missing from docs/configuration.md"

@@ -1,0 +1,149 @@
+"""Sizing comes from the provider's hints; the reference hints reproduce DeepEP's C++ formulas."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from deepep_switch.backend import Backend
+from deepep_switch.config import DeepEPMode, DeepepWrapperConfig
+from deepep_switch.providers import Provider
+from deepep_switch.providers.reference import ReferenceBuffer, ReferenceConfig
+from deepep_switch.providers.reference.hints import elastic_buffer_size_hint, low_latency_rdma_size_hint
+from deepep_switch.settings import ProviderChoice, SwitchSettings
+from deepep_switch.sizing import elastic_capacity, plan_elastic, plan_legacy
+
+
+def test_hints_match_deep_ep_worked_examples():
+    # Values computed from DeepEP 2.1.0's C++ (csrc/legacy/config.hpp, csrc/elastic/buffer.hpp).
+    assert ReferenceConfig(20, 6, 256, 6, 256).get_nvl_buffer_size_hint(7168 * 2, 8) == 335_709_824
+    assert low_latency_rdma_size_hint(128, 7168, 8, 256) == 1_908_410_496
+    assert elastic_buffer_size_hint(8, 4096, 7168, 8) == 473_956_352
+    assert elastic_buffer_size_hint(8, 4096, 7168, 0) == 484_442_112  # topk 0 sizes for 32
+    assert elastic_buffer_size_hint(2, 128, 7168, 8) % (2 << 20) == 0
+    assert ReferenceConfig().get_rdma_buffer_size_hint(14336, 8) == 0
+
+
+def test_hints_grow_with_what_they_should():
+    assert low_latency_rdma_size_hint(256, 7168, 2, 64) > low_latency_rdma_size_hint(128, 7168, 2, 64)
+    assert low_latency_rdma_size_hint(128, 7168, 2, 64) == low_latency_rdma_size_hint(128, 7168, 8, 64)
+    assert elastic_buffer_size_hint(4, 4096, 7168, 8) > elastic_buffer_size_hint(2, 4096, 7168, 8)
+    assert elastic_buffer_size_hint(8, 4096, 7168, 8, use_fp8_dispatch=True) < elastic_buffer_size_hint(8, 4096, 7168, 8)
+    assert ReferenceConfig(24).get_nvl_buffer_size_hint(14336, 8) > ReferenceConfig(20).get_nvl_buffer_size_hint(14336, 8)
+
+
+class RecordingElastic:
+    calls: list = []
+
+    @staticmethod
+    def get_buffer_size_hint(group, num_max_tokens_per_rank, hidden, num_topk=0, use_fp8_dispatch=False,
+                             allow_hybrid_mode=True, allow_multiple_reduction=True):
+        RecordingElastic.calls.append((num_max_tokens_per_rank, hidden, num_topk, use_fp8_dispatch,
+                                       allow_hybrid_mode, allow_multiple_reduction))
+        return 6 << 20
+
+
+PROVIDER = Provider(ProviderChoice.REFERENCE, ReferenceBuffer, RecordingElastic, ReferenceConfig)
+
+
+def config(low_latency=False, **over) -> DeepepWrapperConfig:
+    cfg = DeepepWrapperConfig(ep_rank=0, ep_size=4, tp_size=1, local_rank=0, world_size=4, hidden_size=7168,
+                              expert_num=64, moe_k=8, deep_ep_num_sm=0, use_deepep_low_latency=low_latency,
+                              use_deepep_internode=False, ll_num_max_token=128,
+                              ll_num_max_token_per_rank=128 if low_latency else 0)
+    return dataclasses.replace(cfg, **over)
+
+
+def test_legacy_normal_plan_uses_max_of_dispatch_and_combine_hints():
+    plan = plan_legacy(PROVIDER, config(), SwitchSettings())
+    expected = max(ReferenceBuffer.get_dispatch_config(4).get_nvl_buffer_size_hint(14336, 4),
+                   ReferenceBuffer.get_combine_config(4).get_nvl_buffer_size_hint(14336, 4))
+    assert plan.backend is Backend.LEGACY and plan.capacity is None
+    assert plan.kwargs["num_nvl_bytes"] == expected and plan.kwargs["num_rdma_bytes"] == 0
+    assert plan.kwargs["explicitly_destroy"] is True and plan.kwargs["low_latency_mode"] is False
+
+
+def test_legacy_sm_override_changes_the_hint():
+    try:
+        small = plan_legacy(PROVIDER, config(), SwitchSettings()).bytes["nvl"]
+        big = plan_legacy(PROVIDER, config(), SwitchSettings(num_sms=32)).bytes["nvl"]
+        assert big > small
+    finally:
+        ReferenceBuffer.set_num_sms(20)
+
+
+def test_legacy_low_latency_plan():
+    plan = plan_legacy(PROVIDER, config(low_latency=True), SwitchSettings())
+    assert plan.kwargs["num_rdma_bytes"] == low_latency_rdma_size_hint(128, 7168, 4, 64)
+    assert plan.kwargs["num_qps_per_rank"] == 16 and isinstance(plan.kwargs["num_qps_per_rank"], int)
+    assert plan.kwargs["low_latency_mode"] is True and plan.kwargs["num_nvl_bytes"] == 0 and plan.capacity == 128
+
+
+def test_legacy_normal_rejects_rank_counts_without_a_config():
+    with pytest.raises(ValueError, match="ep_size=6"):
+        plan_legacy(PROVIDER, config(ep_size=6, world_size=6, expert_num=60), SwitchSettings())
+
+
+def test_elastic_plan_passes_settings_to_the_hint_and_constructor():
+    RecordingElastic.calls.clear()
+    settings = SwitchSettings(elastic_allow_hybrid=False, elastic_deterministic=True, max_tokens_per_rank=512)
+    plan = plan_elastic(PROVIDER, group=None, config=config(use_fp8_dispatch=True), settings=settings)
+    assert RecordingElastic.calls == [(512, 7168, 8, True, False, True)]
+    assert plan.bytes == {"elastic": 6 << 20} and plan.capacity == 512
+    assert plan.kwargs["deterministic"] is True and plan.kwargs["explicitly_destroy"] is True
+    assert plan.kwargs["num_max_tokens_per_rank"] == 512
+
+
+def test_elastic_capacity_by_mode():
+    assert elastic_capacity(config(low_latency=True), SwitchSettings(max_tokens_per_rank=999)) == 128
+    assert elastic_capacity(config(max_tokens_per_rank=2048), SwitchSettings()) == 2048
+    assert elastic_capacity(config(max_tokens_per_rank=2048), SwitchSettings(max_tokens_per_rank=64)) == 64
+
+
+def test_elastic_plan_without_elastic_class():
+    with pytest.raises(RuntimeError, match="no ElasticBuffer"):
+        plan_elastic(dataclasses.replace(PROVIDER, ElasticBuffer=None), None, config(), SwitchSettings())
+
+
+def quant(method):
+    return SimpleNamespace(is_quanted=lambda: method is not None, get_method=lambda: method)
+
+
+@pytest.mark.parametrize("n,tp,method,expected", [
+    (1, 1, None, 64), (64, 1, None, 64), (65, 1, None, 128), (129, 1, None, 256), (300, 2, None, 256),
+    (10, 1, "FP8_PER_BLOCK", 64), (10, 1, "FP8_PER_TENSOR_COMPRESSED", 16), (17, 1, "FP8_DYNAMIC_PER_TENSOR", 24),
+    (200, 4, "W4A8_INT4_PER_CHANNEL", 56),
+])
+def test_low_latency_buckets_match_rtp_llm(n, tp, method, expected):
+    assert DeepepWrapperConfig.calc_low_latency_max_token_per_rank(n, tp, quant(method)) == expected
+
+
+def test_low_latency_bucket_rejects_unknown_quant():
+    with pytest.raises(ValueError):
+        DeepepWrapperConfig.calc_low_latency_max_token_per_rank(8, 1, quant("INT4_AWQ"))
+
+
+def test_config_equality_and_modes():
+    a, b = config(), config()
+    assert a.equal(b) and not a.equal(config(hidden_size=4096))
+    assert config().mode is DeepEPMode.NORMAL and config(low_latency=True).mode is DeepEPMode.LOW_LATENCY
+    assert config(low_latency=True, enable_ffn_disaggregate=True).mode is DeepEPMode.LOW_LATENCY_M2N
+
+
+def test_from_config_adapter_reads_rtp_llm_fields():
+    ffn = SimpleNamespace(enable_ffn_disaggregate=False, attention_tp_size=1, attention_dp_size=2,
+                          ffn_tp_size=1, ffn_dp_size=2)
+    adapter = SimpleNamespace(
+        parallelism_config=SimpleNamespace(ep_rank=1, ep_size=2, tp_size=1, local_rank=1, world_size=2,
+                                           ffn_disaggregate_config=ffn),
+        model_config=SimpleNamespace(hidden_size=4096, expert_num=32, moe_k=4),
+        moe_config=SimpleNamespace(deep_ep_num_sm=24, use_deepep_low_latency=True, use_deepep_internode=False),
+        ll_num_max_token=160)
+    cfg = DeepepWrapperConfig.from_config_adapter(adapter, 128)
+    assert (cfg.ep_rank, cfg.hidden_size, cfg.expert_num, cfg.deep_ep_num_sm, cfg.ll_num_max_token) == (1, 4096, 32, 24, 160)
+    assert cfg.ll_num_max_token_per_rank == 128 and cfg.attention_dp_size == 2
+    assert [f.name for f in dataclasses.fields(cfg)][:12] == [
+        "ep_rank", "ep_size", "tp_size", "local_rank", "world_size", "hidden_size", "expert_num", "moe_k",
+        "deep_ep_num_sm", "use_deepep_low_latency", "use_deepep_internode", "ll_num_max_token"]
