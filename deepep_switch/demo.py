@@ -49,8 +49,9 @@ def run_rank(rank: int, world: int, spec: DemoSpec, device_kind: str) -> dict[st
         wrapper = DeepEPWrapper.create(config)
         try:
             router = (LowLatencyRouter if low_latency else NormalRouter)(wrapper, RouterOptions())
-            out = run_moe_layer(router, x, ids, weights, experts, rank)
-            rows = received_rows(router)
+            stats: dict[str, int] = {}
+            out = run_moe_layer(router, x, ids, weights, experts, rank, stats)
+            rows = stats["received_rows"]
             name = "low_latency" if low_latency else "normal"
             summary[name] = {
                 "backend": wrapper.backend.value, "received_rows": rows,

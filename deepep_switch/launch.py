@@ -111,6 +111,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: Sequence[Any] = (), 
     missing = [r for r in range(world_size) if r not in out]
     if missing:
         codes = {r: procs[r].exitcode for r in missing}
+        died = {r: c for r, c in codes.items() if c not in (None, 0, -9)}
+        if died:
+            raise LaunchError(f"ranks {sorted(died)} died without reporting (exit codes {codes})")
         raise LaunchError(f"ranks {missing} did not finish within {timeout_s:.0f}s (exit codes {codes})")
     return [out[r] for r in range(world_size)]
 

@@ -142,13 +142,18 @@ def masked_executor(payload: ExpertForwardPayload, experts: ToyExperts, ep_rank:
 
 
 def run_moe_layer(router: Any, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                  experts: ToyExperts, ep_rank: int) -> torch.Tensor:
+                  experts: ToyExperts, ep_rank: int, stats: Optional[dict[str, int]] = None) -> torch.Tensor:
     """One MoE layer as rtp-llm's ``FusedMoe.forward`` runs it: prepare -> executor -> finalize.
 
     The executor is skipped when nothing arrived (normal mode), exactly as rtp-llm does, so combine sees 0 rows.
-    Low-latency routers get :func:`low_latency_executor`, normal routers :func:`normal_executor`.
+    Low-latency routers get :func:`low_latency_executor`, normal routers :func:`normal_executor`. When ``stats``
+    is given, ``stats["received_rows"]`` is set to the rows this rank's experts received.
     """
     payload = router.prepare(x, None, None, topk_weights, topk_ids)
+    if stats is not None:
+        meta = payload.expert_tokens_meta
+        three_d = payload.expert_x.dim() == 3
+        stats["received_rows"] = int(meta.expert_num_tokens.sum()) if three_d and meta else payload.expert_x.shape[0]
     if payload.expert_x.dim() == 3:
         result = low_latency_executor(payload, experts, ep_rank)
     elif payload.expert_x.numel() == 0:
@@ -157,6 +162,16 @@ def run_moe_layer(router: Any, x: torch.Tensor, topk_ids: torch.Tensor, topk_wei
         result = normal_executor(payload, experts, ep_rank, router.num_local_experts)
     return router.finalize(result, payload.expert_topk_weights, payload.expert_topk_ids, False,
                            {"original_num_tokens": x.shape[0]})
+
+
+def canonical_row_order(rows: torch.Tensor, columns: int = 4) -> torch.Tensor:
+    """A permutation sorting ``rows`` ([N, H]) lexicographically by their first ``columns`` values: two tensors
+    holding the same random rows in different orders become equal once both are indexed with their own order."""
+    order = torch.arange(rows.shape[0], device=rows.device)
+    values = rows[:, :columns].float()
+    for c in reversed(range(min(columns, rows.shape[1]))):
+        order = order[torch.argsort(values[order, c], stable=True)]
+    return order
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

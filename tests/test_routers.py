@@ -14,7 +14,8 @@ import torch.distributed as dist
 from deepep_switch import DeepEPWrapper, DeepepWrapperConfig
 from deepep_switch.launch import spawn
 from deepep_switch.settings import load_settings
-from deepep_switch.testing import ToyExperts, dense_reference, make_problem, relative_error, run_moe_layer
+from deepep_switch.testing import (ToyExperts, canonical_row_order, dense_reference, make_problem, relative_error,
+                                   run_moe_layer)
 from routers import CombineForwardPayload, LowLatencyRouter, NormalRouter, RouterOptions
 
 TOL = 1e-2  # bf16 end to end
@@ -168,7 +169,7 @@ def _payload_worker(rank: int, world: int) -> dict:
 
 
 def _sorted_rows(p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    order = torch.argsort(p["x"][:, 0].float() * 1e3 + p["x"][:, 1].float(), stable=True)
+    order = canonical_row_order(p["x"])
     return p["x"][order], p["ids"][order], p["w"][order]
 
 
@@ -195,7 +196,7 @@ def test_same_payload_on_both_backends_row_order_aside():
         for e, n in enumerate(ll_legacy["counts"].tolist()):
             rows_l = ll_legacy["x"][e, :n]
             rows_e = ll_elastic["x"][e, :n]
-            key = lambda r: torch.argsort(r[:, 0].float() * 1e3 + r[:, 1].float(), stable=True)  # noqa: E731
+            key = canonical_row_order
             assert torch.equal(rows_l[key(rows_l)], rows_e[key(rows_e)]), (rank, e)
 
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Run deepep-switch's GPU validation on a machine with real DeepEP (sgl-deep-ep 0.1.2.post1) installed, e.g. a lent
+# device after ../shared/gpu/install.sh. Logs and JSON records go to $OUT (default ./gpu-out).
+#   scripts/gpu-validate.sh core      # test_gpu_core.py + the Triton layout kernel tests (2 GPUs)
+#   scripts/gpu-validate.sh routers   # test_gpu_routers.py (2 GPUs, and 4 if present)
+#   scripts/gpu-validate.sh bench N   # deepep-switch bench on N ranks
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 GPU_RECORD_DIR=$OUT
+stamp() { echo "== $(date -u +%FT%TZ) $*"; }
+case "${1:-}" in
+  core)
+    stamp "gpu core tests" | tee "$OUT/gpu-core.log"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/gpu-core.log" 2>&1
+    python3 -c 'import torch, deep_ep, triton; print("torch", torch.__version__, "deep_ep", deep_ep.__version__, "triton", triton.__version__)' >> "$OUT/gpu-core.log" 2>&1
+    timeout 570 python3 -m pytest -m gpu tests/test_gpu_core.py tests/test_layout_kernels.py -v -p no:cacheprovider \
+      --timeout 560 -o addopts="" 2>&1 | tee -a "$OUT/gpu-core.log"
+    ;;
+  routers)
+    stamp "gpu router tests" | tee "$OUT/gpu-routers.log"
+    timeout 580 python3 -m pytest -m gpu tests/test_gpu_routers.py -v -p no:cacheprovider --timeout 570 \
+      -o addopts="" 2>&1 | tee -a "$OUT/gpu-routers.log"
+    ;;
+  bench)
+    n=${2:-2}
+    stamp "bench EP$n" | tee "$OUT/bench-ep$n.log"
+    timeout 580 python3 -m deepep_switch.cli bench --ranks "$n" --json "$OUT/bench-ep$n.json" 2>&1 | tee -a "$OUT/bench-ep$n.log"
+    ;;
+  *)
+    echo "usage: $0 core|routers|bench N" >&2
+    exit 2
+    ;;
+esac
