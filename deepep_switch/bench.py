@@ -2,9 +2,10 @@
 
 For each backend (legacy, elastic) and mode it times, per rank, the median of ``iters`` round trips:
 
-* ``raw``    - DeepEP calls alone, as a hand-written integration would make them;
-* ``router`` - ``prepare`` -> identity executor -> ``finalize`` through deepep-switch;
-* ``graph``  - (low-latency) the router round trip captured once in a CUDA graph and replayed.
+* ``raw``       - DeepEP calls alone, as a hand-written integration would make them;
+* ``router``    - ``prepare`` -> identity executor -> ``finalize`` through deepep-switch;
+* ``raw graph`` / ``graph`` - (low-latency) the same two round trips captured once in a CUDA graph and replayed,
+  which is how decode runs in production (no Python or launch overhead left).
 
 It also reports the buffer bytes each backend was sized to and the device memory the wrapper took. Timings
 use CUDA events after a barrier; on CPU (reference providers) they are wall-clock and mean nothing for speed.
@@ -44,6 +45,7 @@ class Row:
     tokens: int
     raw_us: float
     router_us: float
+    raw_graph_us: Optional[float] = None
     graph_us: Optional[float] = None
     buffer_bytes: dict[str, int] = field(default_factory=dict)
     device_bytes: int = 0
@@ -172,16 +174,18 @@ def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool) -> list[dict[
                     x, ids, w = _inputs(rank, tokens, spec, device)
                     router = (LowLatencyRouter if low_latency else NormalRouter)(
                         wrapper, RouterOptions(use_fp8=spec.use_fp8))
-                    raw = timer.median_us(_raw_round_trip(wrapper, low_latency, x, ids, w, spec), spec.iters,
-                                          spec.warmup, wrapper.group)
+                    raw_trip = _raw_round_trip(wrapper, low_latency, x, ids, w, spec)
+                    raw = timer.median_us(raw_trip, spec.iters, spec.warmup, wrapper.group)
                     trip = _router_round_trip(router, x, ids, w)
                     routed = timer.median_us(trip, spec.iters, spec.warmup, wrapper.group)
-                    graph = None
+                    raw_graph = graph = None
                     if low_latency and cuda:
+                        raw_graph = timer.median_us(_graph_round_trip(raw_trip, wrapper.group), spec.iters,
+                                                    spec.warmup, wrapper.group)
                         graph = timer.median_us(_graph_round_trip(trip, wrapper.group), spec.iters, spec.warmup,
                                                 wrapper.group)
                     row = Row(wrapper.backend.value, "low_latency" if low_latency else "normal", tokens, raw, routed,
-                              graph, wrapper.buffer_bytes, int(used),
+                              raw_graph, graph, wrapper.buffer_bytes, int(used),
                               getattr(router, "layout_ops", None) if low_latency else None)
                     rows.append(asdict(row))
                 finally:
@@ -194,7 +198,7 @@ def summarise(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     merged = []
     for i, row in enumerate(per_rank[0]):
         out = dict(row)
-        for key in ("raw_us", "router_us", "graph_us"):
+        for key in ("raw_us", "router_us", "raw_graph_us", "graph_us"):
             values = [r[i][key] for r in per_rank if r[i][key] is not None]
             out[key] = max(values) if values else None
         merged.append(out)
@@ -202,12 +206,18 @@ def summarise(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'backend':8} {'mode':12} {'tokens':>6} {'raw us':>9} {'router us':>10} {'overhead':>9} "
-            f"{'graph us':>9}  buffer bytes")
+    """Median microseconds per round trip (slowest rank); overhead = router / raw - 1."""
+    def cell(value: Optional[float]) -> str:
+        return f"{value:10.1f}" if value is not None else f"{'-':>10}"
+
+    def pct(a: Optional[float], b: Optional[float]) -> str:
+        return f"{(a / b - 1.0) * 100:8.1f}%" if a is not None and b else f"{'-':>9}"
+
+    head = (f"{'backend':8} {'mode':12} {'tokens':>6} {'raw':>10} {'router':>10} {'overhead':>9} "
+            f"{'raw graph':>10} {'graph':>10} {'overhead':>9}  buffer bytes")
     lines = [head, "-" * len(head)]
     for r in rows:
-        overhead = (r["router_us"] / r["raw_us"] - 1.0) * 100 if r["raw_us"] else 0.0
-        graph = f"{r['graph_us']:9.1f}" if r["graph_us"] is not None else f"{'-':>9}"
-        lines.append(f"{r['backend']:8} {r['mode']:12} {r['tokens']:6d} {r['raw_us']:9.1f} {r['router_us']:10.1f} "
-                     f"{overhead:8.1f}% {graph}  {r['buffer_bytes']}")
+        lines.append(f"{r['backend']:8} {r['mode']:12} {r['tokens']:6d} {cell(r['raw_us'])} {cell(r['router_us'])} "
+                     f"{pct(r['router_us'], r['raw_us'])} {cell(r['raw_graph_us'])} {cell(r['graph_us'])} "
+                     f"{pct(r['graph_us'], r['raw_graph_us'])}  {r['buffer_bytes']}")
     return "\n".join(lines)

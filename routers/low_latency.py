@@ -79,7 +79,7 @@ class LegacyLowLatencyPath:
 class _ElasticState(NamedTuple):
     handle: Any
     weights: torch.Tensor   # [rows] float32: the weight of each expanded row
-    start: torch.Tensor     # [E_local] int32: first row of each expert
+    end: torch.Tensor       # [E_local] int32: one past the last row of each expert
     counts: torch.Tensor    # [E_local] int32
     num_rows: int
 
@@ -101,19 +101,19 @@ class ElasticLowLatencyPath:
             do_cpu_sync=False, do_expand=True)
         rows_x, rows_sf = recv if self.use_fp8 else (recv, None)
         counts = handle.num_unaligned_recv_tokens_per_expert
-        start = handle.psum_num_recv_tokens_per_expert - counts  # expand mode: psum[e] = start[e] + count[e]
+        end = handle.psum_num_recv_tokens_per_expert  # expand mode: psum[e] = start[e] + count[e]
         slots = self.ranks * self.capacity
-        expert_x = self.ops.pack(rows_x, start, counts, slots)
+        expert_x = self.ops.pack(rows_x, end, counts, slots)
         scales = None
         if rows_sf is not None:
             # DeepEP's legacy layout: [E_local, R*N, H/128] with the token dimension contiguous.
             scales = torch.empty((self.num_local_experts, rows_sf.shape[1], slots), dtype=rows_sf.dtype,
                                  device=rows_sf.device).transpose(1, 2)
-            self.ops.pack(rows_sf, start, counts, slots, out=scales)
-        return Dispatched(expert_x, scales, counts, _ElasticState(handle, recv_w, start, counts, rows_x.shape[0]))
+            self.ops.pack(rows_sf, end, counts, slots, out=scales)
+        return Dispatched(expert_x, scales, counts, _ElasticState(handle, recv_w, end, counts, rows_x.shape[0]))
 
     def combine(self, y: torch.Tensor, state: _ElasticState, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.ops.unpack(y, state.weights, state.start, state.counts, state.num_rows)
+        rows = self.ops.unpack(y, state.weights, state.end, state.counts, state.num_rows)
         out, _, _ = self.buffer.combine(rows, state.handle, num_sms=state.handle.num_sms)
         return out
 

@@ -71,6 +71,16 @@ class ElasticNormalPath:
             raise ValueError(f"ElasticBuffer combine needs hidden % 256 == 0 (a JIT static assert), got {hidden}")
 
 
+def _counts_on_device_pinned(counts: list[int], device: torch.device) -> torch.Tensor:
+    # Pinned memory + non_blocking: the host does not wait for the dispatch kernels to drain before it can queue
+    # the executor and combine (a plain torch.tensor(..., device=cuda) would synchronise here).
+    return torch.tensor(counts, dtype=torch.int32, pin_memory=True).to(device, non_blocking=True)
+
+
+def _counts_on_device_plain(counts: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(counts, dtype=torch.int32, device=device)
+
+
 class NormalRouter(RouterBase):
     """prepare/finalize for prefill batches; the same payload on both backends.
 
@@ -82,6 +92,7 @@ class NormalRouter(RouterBase):
     mode = DeepEPMode.NORMAL
 
     def _bind(self, backend: Backend, real_deep_ep: bool) -> Any:
+        self._counts_on_device = _counts_on_device_pinned if torch.cuda.is_available() else _counts_on_device_plain
         buffer, alignment = self.wrapper.buffer, self.options.expert_alignment
         if backend is Backend.ELASTIC:
             if real_deep_ep:
@@ -97,9 +108,8 @@ class NormalRouter(RouterBase):
             offset = self.ep_rank * self.num_local_experts
             dummy = self.num_experts - 1 if offset == 0 else 0  # an expert elsewhere: its weight here is 0
             recv_ids = torch.where(recv_ids < 0, torch.full_like(recv_ids, dummy), recv_ids + offset)
-        meta = ExpertTokensMetadata(
-            expert_num_tokens=torch.tensor(counts, dtype=torch.int32, device=expert_x.device),
-            expert_num_tokens_cpu=counts)
+        meta = ExpertTokensMetadata(expert_num_tokens=self._counts_on_device(counts, expert_x.device),
+                                    expert_num_tokens_cpu=counts)
         payload = ExpertForwardPayload(
             expert_x=expert_x, expert_x_origin_dtype=x.dtype, expert_x_scale=scale, expert_tokens_meta=meta,
             expert_topk_ids=recv_ids, expert_topk_weights=recv_w,

@@ -179,6 +179,18 @@ def _agreement(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def _settled() -> tuple[int, int]:
+    """(memory_reserved, free device bytes) once finished collectives have released their tensors."""
+    import gc
+    import time
+
+    torch.cuda.synchronize()
+    time.sleep(0.5)  # the NCCL watchdog drops completed works (and the tensors they hold) asynchronously
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved(), torch.cuda.mem_get_info()[0]
+
+
 def _memory(rank: int, world: int, cycles: int) -> dict[str, Any]:
     from deepep_switch import DeepEPWrapper
 
@@ -186,8 +198,7 @@ def _memory(rank: int, world: int, cycles: int) -> dict[str, Any]:
     for backend, low_latency in kinds:  # warm up every kind once (JIT, NVSHMEM, NCCL windows)
         DeepEPWrapper.create(_config(rank, world, low_latency), settings=_settings(RTP_LLM_DEEPEP_BACKEND=backend))
         DeepEPWrapper.reset()
-    torch.cuda.synchronize()
-    base_reserved, base_free = torch.cuda.memory_reserved(), torch.cuda.mem_get_info()[0]
+    base_reserved, base_free = _settled()
     samples = []
     for i in range(cycles):
         backend, low_latency = kinds[i % len(kinds)]
@@ -195,9 +206,8 @@ def _memory(rank: int, world: int, cycles: int) -> dict[str, Any]:
         peak_free = torch.cuda.mem_get_info()[0]
         nbytes = sum(w.buffer_bytes.values())
         DeepEPWrapper.reset()
-        torch.cuda.synchronize()
-        samples.append((backend, low_latency, nbytes, base_free - peak_free, torch.cuda.memory_reserved(),
-                        torch.cuda.mem_get_info()[0]))
+        reserved, free = _settled()
+        samples.append((backend, low_latency, nbytes, base_free - peak_free, reserved, free))
     return {"base_reserved": base_reserved, "base_free": base_free,
             "total": torch.cuda.get_device_properties(rank).total_memory, "samples": samples}
 
@@ -261,7 +271,9 @@ def test_create_reset_cycles_return_memory(core_results):
         m = r["memory"]
         assert len(m["samples"]) == 20
         for backend, low_latency, nbytes, taken, reserved, free in m["samples"]:
-            assert abs(reserved - m["base_reserved"]) <= 0.01 * max(m["base_reserved"], 1 << 20), (rank, reserved)
+            # "Within 1% of the baseline"; the caching allocator reserves whole 2 MiB segments, so a near-zero
+            # baseline is allowed one segment of slack.
+            assert reserved <= m["base_reserved"] * 1.01 + (2 << 20), (rank, backend, low_latency, reserved)
             assert abs(free - m["base_free"]) <= 0.01 * m["total"], (rank, backend, low_latency, free, m["base_free"])
 
 

@@ -16,22 +16,23 @@ def random_layout(seed: int, experts: int, capacity: int, alignment: int = 1, sl
     aligned = (counts + alignment - 1) // alignment * alignment
     start = torch.cumsum(aligned, 0) - aligned
     rows = int(aligned.sum()) + slack  # the worst-case tail past the valid rows
-    return start.to(torch.int32), counts.to(torch.int32), rows
+    return (start + counts).to(torch.int32), counts.to(torch.int32), rows  # (end, count, rows)
 
 
 @pytest.mark.parametrize("seed,experts,capacity,alignment", [(0, 4, 8, 1), (1, 8, 16, 4), (2, 1, 5, 1), (3, 16, 1, 1)])
 def test_pack_and_unpack_match_loops(seed, experts, capacity, alignment):
-    start, counts, num_rows = random_layout(seed, experts, capacity, alignment)
+    end, counts, num_rows = random_layout(seed, experts, capacity, alignment)
+    start = end - counts
     hidden, scales = 256, 2
     rows = torch.randn(num_rows, hidden).to(torch.bfloat16)
     sf = torch.rand(num_rows, scales)
     weights = torch.rand(num_rows)
 
-    packed = pack_rows_torch(rows, start, counts, capacity)
+    packed = pack_rows_torch(rows, end, counts, capacity)
     sf_out = torch.empty(experts, scales, capacity).transpose(1, 2)  # DeepEP's column-major scale layout
-    pack_rows_torch(sf, start, counts, capacity, out=sf_out)
+    pack_rows_torch(sf, end, counts, capacity, out=sf_out)
     y = torch.randn(experts, capacity, hidden).to(torch.bfloat16)
-    unpacked = unpack_rows_torch(y, weights, start, counts, num_rows)
+    unpacked = unpack_rows_torch(y, weights, end, counts, num_rows)
     assert unpacked.shape == (num_rows, hidden) and unpacked.dtype == torch.bfloat16
     assert sf_out.stride(1) == 1
 
@@ -44,11 +45,12 @@ def test_pack_and_unpack_match_loops(seed, experts, capacity, alignment):
 
 
 def test_nan_in_unused_rows_never_reaches_valid_rows():
-    start, counts, num_rows = random_layout(7, 6, 10)
+    end, counts, num_rows = random_layout(7, 6, 10)
+    start = end - counts
     y = torch.full((6, 10, 128), float("nan")).to(torch.bfloat16)
     for e in range(6):
         y[e, :int(counts[e])] = 1.0
-    out = unpack_rows_torch(y, torch.ones(num_rows), start, counts, num_rows)
+    out = unpack_rows_torch(y, torch.ones(num_rows), end, counts, num_rows)
     for e in range(6):
         s, n = int(start[e]), int(counts[e])
         assert bool((out[s:s + n] == 1.0).all())
@@ -64,21 +66,22 @@ def test_triton_kernels_match_torch_on_gpu(dtype):
     from routers.kernels.triton_masked_layout import pack_rows_triton, unpack_rows_triton
 
     device = torch.device("cuda", 0)
-    start, counts, num_rows = random_layout(11, 16, 256, 1)
-    start, counts = start.to(device), counts.to(device)
+    end, counts, num_rows = random_layout(11, 16, 256, 1)
+    start = end - counts
+    end, counts = end.to(device), counts.to(device)
     hidden = 7168
     rows = torch.randn(num_rows, hidden, device=device).to(dtype)
     sf = torch.rand(num_rows, hidden // 128, device=device)
     weights = torch.rand(num_rows, device=device)
-    got = pack_rows_triton(rows, start, counts, 256)
-    want = pack_rows_torch(rows, start, counts, 256)
+    got = pack_rows_triton(rows, end, counts, 256)
+    want = pack_rows_torch(rows, end, counts, 256)
     sf_got = torch.empty(16, hidden // 128, 256, device=device).transpose(1, 2)
     sf_want = torch.empty_like(sf_got)
-    pack_rows_triton(sf, start, counts, 256, out=sf_got)
-    pack_rows_torch(sf, start, counts, 256, out=sf_want)
+    pack_rows_triton(sf, end, counts, 256, out=sf_got)
+    pack_rows_torch(sf, end, counts, 256, out=sf_want)
     y = torch.randn(16, 256, hidden, device=device).to(torch.bfloat16)
-    un_got = unpack_rows_triton(y, weights, start, counts, num_rows)
-    un_want = unpack_rows_torch(y, weights, start, counts, num_rows)
+    un_got = unpack_rows_triton(y, weights, end, counts, num_rows)
+    un_want = unpack_rows_torch(y, weights, end, counts, num_rows)
     for e in range(16):
         s, n = int(start[e]), int(counts[e])
         assert torch.equal(got[e, :n].view(torch.uint8), want[e, :n].view(torch.uint8))

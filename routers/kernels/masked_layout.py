@@ -1,12 +1,13 @@
 """Conversion between ElasticBuffer's expanded rows and the legacy low-latency ``[E_local, R*N, H]`` layout.
 
 ``ElasticBuffer.dispatch(do_expand=True, do_cpu_sync=False)`` returns one row per (token, local expert), expert
-``e`` occupying rows ``[start[e], start[e] + count[e])`` with ``start = psum - count`` known only on the device.
-The low-latency executor wants expert ``e``'s rows at ``expert_x[e, :count[e]]``.
+``e`` occupying rows ``[end[e] - count[e], end[e])`` where ``end = handle.psum_num_recv_tokens_per_expert`` and
+``count = handle.num_unaligned_recv_tokens_per_expert`` are known only on the device. The low-latency executor
+wants expert ``e``'s rows at ``expert_x[e, :count[e]]``. With ``start = end - count``:
 
-* :func:`pack_rows` (prepare): ``expert_x[e, i] = rows[start[e] + i]`` for ``i < count[e]``.
-* :func:`unpack_rows` (finalize): ``out[start[e] + i] = bf16(float(y[e, i]) * weight[start[e] + i])``, the
-  top-k weighting that ``ElasticBuffer.combine`` never applies.
+* pack (prepare): ``expert_x[e, i] = rows[start[e] + i]`` for ``i < count[e]``.
+* unpack (finalize): ``out[start[e] + i] = bf16(float(y[e, i]) * weight[start[e] + i])``, the top-k weighting
+  that ``ElasticBuffer.combine`` never applies.
 
 Neither reads the counts on the host, so both are CUDA-graph capturable. :class:`LayoutOps` picks the Triton
 kernels (which touch only valid rows) on CUDA when Triton is importable, else the torch versions here (which
@@ -23,23 +24,23 @@ import torch
 logger = logging.getLogger("routers.kernels")
 
 
-def _row_index(start: torch.Tensor, capacity: int) -> torch.Tensor:
-    i = torch.arange(capacity, device=start.device)
-    return start.to(torch.int64).unsqueeze(1) + i.unsqueeze(0)
+def _row_index(end: torch.Tensor, count: torch.Tensor, capacity: int) -> torch.Tensor:
+    i = torch.arange(capacity, device=end.device)
+    return (end.to(torch.int64) - count.to(torch.int64)).unsqueeze(1) + i.unsqueeze(0)
 
 
-def pack_rows_torch(rows: torch.Tensor, start: torch.Tensor, count: torch.Tensor, capacity: int,
+def pack_rows_torch(rows: torch.Tensor, end: torch.Tensor, count: torch.Tensor, capacity: int,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Torch version of :func:`pack_rows` (gathers ``E_local * capacity`` rows; rows past ``count`` are junk).
+    """Torch pack (gathers ``E_local * capacity`` rows; rows past ``count`` are junk).
 
     Args:
         rows: ``[R_rows, W]`` expanded rows (any dtype).
-        start / count: int32 ``[E_local]`` on ``rows.device``.
+        end / count: int ``[E_local]`` on ``rows.device``: expert e's rows end at ``end[e]``, ``count[e]`` of them.
         capacity: rows per expert in the output (``R * N``).
         out: optional ``[E_local, capacity, W]`` destination (any strides).
     """
-    experts = start.shape[0]
-    src = _row_index(start, capacity).clamp_(0, max(rows.shape[0] - 1, 0))
+    experts = end.shape[0]
+    src = _row_index(end, count, capacity).clamp_(0, max(rows.shape[0] - 1, 0))
     gathered = rows[src.reshape(-1)].reshape(experts, capacity, *rows.shape[1:])
     if out is None:
         return gathered
@@ -47,14 +48,15 @@ def pack_rows_torch(rows: torch.Tensor, start: torch.Tensor, count: torch.Tensor
     return out
 
 
-def unpack_rows_torch(y: torch.Tensor, weights: torch.Tensor, start: torch.Tensor, count: torch.Tensor,
+def unpack_rows_torch(y: torch.Tensor, weights: torch.Tensor, end: torch.Tensor, count: torch.Tensor,
                       num_rows: int) -> torch.Tensor:
-    """Torch version of :func:`unpack_rows`: weighted expert outputs back into ``[num_rows, H]`` bf16 rows.
+    """Torch unpack: weighted expert outputs ``y [E_local, capacity, H]`` back into ``[num_rows, H]`` bf16 rows.
 
-    Rows that belong to no expert are left uninitialised (combine never reads them).
+    ``weights`` is float32 ``[num_rows]`` (one per expanded row). Rows that belong to no expert are left
+    uninitialised (combine never reads them).
     """
     experts, capacity, hidden = y.shape
-    idx = _row_index(start, capacity)
+    idx = _row_index(end, count, capacity)
     valid = torch.arange(capacity, device=y.device).unsqueeze(0) < count.to(torch.int64).unsqueeze(1)
     dst = torch.where(valid, idx, torch.full_like(idx, num_rows))  # invalid rows land in a spare last row
     w = weights.float()[idx.clamp(0, max(num_rows - 1, 0))]

@@ -18,14 +18,14 @@ _BLOCK_M = 8
 
 
 @triton.jit
-def _pack_kernel(src_ptr, dst_ptr, start_ptr, count_ptr, width, src_stride_row,
+def _pack_kernel(src_ptr, dst_ptr, end_ptr, count_ptr, width, src_stride_row,
                  dst_stride_expert, dst_stride_row, dst_stride_col,
                  BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
     pid_m = tl.program_id(0)
     expert = tl.program_id(1)
     count = tl.load(count_ptr + expert)
     if pid_m * BLOCK_M < count:
-        start = tl.load(start_ptr + expert).to(tl.int64)
+        start = tl.load(end_ptr + expert).to(tl.int64) - count
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < count
         src_rows = (start + rows).to(tl.int64) * src_stride_row
@@ -38,13 +38,13 @@ def _pack_kernel(src_ptr, dst_ptr, start_ptr, count_ptr, width, src_stride_row,
 
 
 @triton.jit
-def _unpack_kernel(y_ptr, w_ptr, out_ptr, start_ptr, count_ptr, hidden, y_stride_expert, y_stride_row,
+def _unpack_kernel(y_ptr, w_ptr, out_ptr, end_ptr, count_ptr, hidden, y_stride_expert, y_stride_row,
                    out_stride_row, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     pid_m = tl.program_id(0)
     expert = tl.program_id(1)
     count = tl.load(count_ptr + expert)
     if pid_m * BLOCK_M < count:
-        start = tl.load(start_ptr + expert).to(tl.int64)
+        start = tl.load(end_ptr + expert).to(tl.int64) - count
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < count
         w = tl.load(w_ptr + start + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -60,10 +60,10 @@ def _unpack_kernel(y_ptr, w_ptr, out_ptr, start_ptr, count_ptr, hidden, y_stride
 _RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def pack_rows_triton(rows: torch.Tensor, start: torch.Tensor, count: torch.Tensor, capacity: int,
+def pack_rows_triton(rows: torch.Tensor, end: torch.Tensor, count: torch.Tensor, capacity: int,
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Same contract as ``pack_rows_torch``; rows past ``count`` are left untouched."""
-    experts = start.shape[0]
+    experts = end.shape[0]
     if out is None:
         out = torch.empty((experts, capacity, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
     if experts == 0 or rows.shape[0] == 0:
@@ -74,12 +74,12 @@ def pack_rows_triton(rows: torch.Tensor, start: torch.Tensor, count: torch.Tenso
     width = src.shape[1]
     block_w = min(1024, triton.next_power_of_2(width))
     grid = (triton.cdiv(capacity, _BLOCK_M), experts)
-    _pack_kernel[grid](src, dst, start, count, width, src.stride(0), out.stride(0), out.stride(1), out.stride(2),
+    _pack_kernel[grid](src, dst, end, count, width, src.stride(0), out.stride(0), out.stride(1), out.stride(2),
                        BLOCK_M=_BLOCK_M, BLOCK_W=block_w)
     return out
 
 
-def unpack_rows_triton(y: torch.Tensor, weights: torch.Tensor, start: torch.Tensor, count: torch.Tensor,
+def unpack_rows_triton(y: torch.Tensor, weights: torch.Tensor, end: torch.Tensor, count: torch.Tensor,
                        num_rows: int) -> torch.Tensor:
     """Same contract as ``unpack_rows_torch``; only valid rows are written."""
     experts, capacity, hidden = y.shape
@@ -90,7 +90,7 @@ def unpack_rows_triton(y: torch.Tensor, weights: torch.Tensor, start: torch.Tens
         y = y.contiguous()
     block_h = min(1024, triton.next_power_of_2(hidden))
     grid = (triton.cdiv(capacity, _BLOCK_M), experts)
-    _unpack_kernel[grid](y, weights, out, start, count, hidden, y.stride(0), y.stride(1), out.stride(0),
+    _unpack_kernel[grid](y, weights, out, end, count, hidden, y.stride(0), y.stride(1), out.stride(0),
                          BLOCK_M=_BLOCK_M, BLOCK_H=block_h)
     return out
 
