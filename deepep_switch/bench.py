@@ -36,6 +36,7 @@ class BenchSpec:
     warmup: int = 5
     backends: tuple[str, ...] = ("legacy", "elastic")
     use_fp8: bool = False
+    profile_path: Optional[str] = None  # rank 0 appends torch.profiler tables (raw vs router) here
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Row:
     buffer_bytes: dict[str, int] = field(default_factory=dict)
     device_bytes: int = 0
     layout_ops: Optional[str] = None
+    host_us: Optional[dict[str, float]] = None
 
 
 class _Timer:
@@ -152,6 +154,59 @@ def _graph_round_trip(round_trip: Callable[[], Any], group: dist.ProcessGroup) -
     return graph.replay
 
 
+def _profile(label: str, fn: Callable[[], Any], iters: int, rank: int, path: Optional[str],
+             group: dist.ProcessGroup) -> None:
+    """Rank 0 appends a torch.profiler table of ``iters`` calls of ``fn``; every rank runs them (collectives)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier(group=group)
+    if rank != 0 or path is None:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        return
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    with open(path, "a") as f:
+        f.write(f"\n===== {label}: {iters} calls =====\n")
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+_LIBRARY_CALLS = ("get_dispatch_layout", "dispatch", "combine", "low_latency_dispatch", "low_latency_combine")
+
+
+def _host_breakdown(router: Any, trip: Callable[[], Any], iters: int) -> dict[str, float]:
+    """Mean host (CPU) microseconds per round trip: the whole trip, the bound path's dispatch/combine, and the
+    DeepEP calls inside them. What is left is deepep-switch's own work on the host."""
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        return inner
+
+    path, buffer = router._path, router._path.buffer
+    patched = [(path, "dispatch", "path.dispatch"), (path, "combine", "path.combine")]
+    patched += [(buffer, name, f"deep_ep.{name}") for name in _LIBRARY_CALLS if hasattr(buffer, name)]
+    for obj, attr, name in patched:
+        setattr(obj, attr, timed(name, getattr(obj, attr)))
+    try:
+        start = time.perf_counter()
+        for _ in range(iters):
+            trip()
+        timings["trip"] = time.perf_counter() - start
+    finally:
+        for obj, attr, _ in patched:
+            delattr(obj, attr)
+    return {k: round(v / iters * 1e6, 1) for k, v in timings.items()}
+
+
 def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool) -> list[dict[str, Any]]:
     """One rank of the benchmark (called through :func:`deepep_switch.launch.spawn`)."""
     from routers import LowLatencyRouter, NormalRouter, RouterOptions
@@ -184,9 +239,16 @@ def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool) -> list[dict[
                                                     spec.warmup, wrapper.group)
                         graph = timer.median_us(_graph_round_trip(trip, wrapper.group), spec.iters, spec.warmup,
                                                 wrapper.group)
+                    host = None
+                    if spec.profile_path and cuda and tokens <= 128:
+                        label = f"{wrapper.backend.value} {'low_latency' if low_latency else 'normal'} {tokens}"
+                        _profile(f"{label} raw", raw_trip, 10, rank, spec.profile_path, wrapper.group)
+                        _profile(f"{label} router", trip, 10, rank, spec.profile_path, wrapper.group)
+                        dist.barrier(group=wrapper.group)
+                        host = _host_breakdown(router, trip, 20)
                     row = Row(wrapper.backend.value, "low_latency" if low_latency else "normal", tokens, raw, routed,
                               raw_graph, graph, wrapper.buffer_bytes, int(used),
-                              getattr(router, "layout_ops", None) if low_latency else None)
+                              getattr(router, "layout_ops", None) if low_latency else None, host)
                     rows.append(asdict(row))
                 finally:
                     DeepEPWrapper.reset()
@@ -220,4 +282,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['backend']:8} {r['mode']:12} {r['tokens']:6d} {cell(r['raw_us'])} {cell(r['router_us'])} "
                      f"{pct(r['router_us'], r['raw_us'])} {cell(r['raw_graph_us'])} {cell(r['graph_us'])} "
                      f"{pct(r['graph_us'], r['raw_graph_us'])}  {r['buffer_bytes']}")
+    for r in rows:
+        if r.get("host_us"):
+            lines.append(f"host us per round trip, {r['backend']} {r['mode']} {r['tokens']}: {r['host_us']}")
     return "\n".join(lines)

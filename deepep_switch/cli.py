@@ -82,7 +82,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     kind, backend = _device_and_backend(args.provider, args.device)
     spec = BenchSpec(normal_tokens=args.tokens, low_latency_tokens=args.ll_tokens, hidden=args.hidden,
                      num_experts=args.experts, topk=args.topk, iters=args.iters, warmup=args.warmup,
-                     backends=tuple(args.backends.split(",")), use_fp8=args.fp8)
+                     backends=tuple(args.backends.split(",")), use_fp8=args.fp8, profile_path=args.profile)
     print(f"deepep-switch bench: {args.ranks} ranks ({backend} on {kind}), provider={args.provider}, {spec}")
     if kind == "cpu":
         print("note: CPU reference providers; these timings say nothing about DeepEP's speed")
@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backends", default="legacy,elastic")
     bench.add_argument("--fp8", action="store_true")
     bench.add_argument("--json", default=None, help="also write the results to this file")
+    bench.add_argument("--profile", default=None, help="append torch.profiler tables (rank 0, <=128 tokens) here")
     bench.add_argument("--timeout", type=float, default=540.0)
     bench.set_defaults(func=cmd_bench)
     return parser

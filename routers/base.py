@@ -18,10 +18,10 @@ import torch.distributed as dist
 
 from deepep_switch.backend import Backend
 from deepep_switch.config import DeepEPMode
-from deepep_switch.fp8 import quantize_fp8
 from deepep_switch.settings import ProviderChoice
 from deepep_switch.wrapper import DeepEPWrapper
 
+from .kernels.fp8_quant import quantizer_for
 from .payloads import CombineForwardPayload, ExpertForwardPayload, FinalizeArgs
 from .tp import TensorParallelSlicer
 
@@ -90,9 +90,13 @@ class RouterBase(ABC):
         self.num_local_experts = cfg.expert_num // cfg.ep_size
         self.capacity = wrapper.capacity
         self._tp = TensorParallelSlicer(options.tp_rank, options.tp_size, options.tp_group)
-        self._quantize = (lambda x: quantize_fp8(x, options.round_scale)) if options.use_fp8 else identity
+        real_deep_ep = wrapper.provider.choice is ProviderChoice.DEEP_EP
+        # Real DeepEP runs on the current CUDA device; the reference providers may run anywhere (torch kernels).
+        self.device = torch.device("cuda", torch.cuda.current_device()) if real_deep_ep else torch.device("cpu")
+        self.quantizer, quantize = quantizer_for(self.device, options.round_scale)
+        self._quantize = quantize if options.use_fp8 else identity
         self._handle: Any = None
-        self._path = self._bind(wrapper.backend, wrapper.provider.choice is ProviderChoice.DEEP_EP)
+        self._path = self._bind(wrapper.backend, real_deep_ep)
         logger.debug("%s bound to %s path %s", type(self).__name__, wrapper.backend.value, type(self._path).__name__)
 
     @abstractmethod

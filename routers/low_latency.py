@@ -17,13 +17,12 @@ Inside expert ``e``, the order of its valid rows is unspecified on both backends
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
 from deepep_switch.backend import Backend
 from deepep_switch.config import DeepEPMode
-from deepep_switch.fp8 import quantize_fp8
 
 from .base import RouterBase
 from .kernels.masked_layout import LayoutOps, layout_ops_for
@@ -87,14 +86,14 @@ class _ElasticState(NamedTuple):
 class ElasticLowLatencyPath:
     """``deep_ep.ElasticBuffer`` without host sync, converted to and from the legacy low-latency layout."""
 
-    def __init__(self, buffer: Any, num_experts: int, capacity: int, ranks: int, use_fp8: bool, round_scale: bool,
-                 num_sms: int, ops: LayoutOps) -> None:
+    def __init__(self, buffer: Any, num_experts: int, capacity: int, ranks: int, use_fp8: bool,
+                 quantize: Callable[[torch.Tensor], Any], num_sms: int, ops: LayoutOps) -> None:
         self.buffer, self.num_experts, self.capacity, self.ranks = buffer, num_experts, capacity, ranks
-        self.use_fp8, self.round_scale, self.num_sms, self.ops = use_fp8, round_scale, num_sms, ops
+        self.use_fp8, self.quantize, self.num_sms, self.ops = use_fp8, quantize, num_sms, ops
         self.num_local_experts = num_experts // ranks
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Dispatched:
-        payload = quantize_fp8(x, self.round_scale) if self.use_fp8 else x
+        payload = self.quantize(x)  # DeepEP V2 moves FP8 bytes but never quantises: same recipe as legacy LL
         recv, _, recv_w, handle, _ = self.buffer.dispatch(
             payload, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
             num_max_tokens_per_rank=self.capacity, expert_alignment=1, num_sms=self.num_sms,
@@ -143,10 +142,9 @@ class LowLatencyRouter(RouterBase):
         if backend is Backend.ELASTIC:
             if real_deep_ep:
                 ElasticLowLatencyPath.check_limits(self.hidden_size)
-            device = torch.device("cuda", torch.cuda.current_device()) if real_deep_ep else torch.device("cpu")
             return ElasticLowLatencyPath(self.wrapper.buffer, self.num_experts, capacity, self.ep_size, opts.use_fp8,
-                                         opts.round_scale, self.wrapper.decision.settings.num_sms,
-                                         layout_ops_for(device))
+                                         self._quantize, self.wrapper.decision.settings.num_sms,
+                                         layout_ops_for(self.device))
         if real_deep_ep:
             LegacyLowLatencyPath.check_limits(self.hidden_size, self.num_topk, capacity, self.ep_size, opts.use_fp8)
         return LegacyLowLatencyPath(self.wrapper.buffer, self.num_experts, capacity, opts.use_fp8, opts.round_scale)

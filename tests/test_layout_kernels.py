@@ -87,3 +87,22 @@ def test_triton_kernels_match_torch_on_gpu(dtype):
         assert torch.equal(got[e, :n].view(torch.uint8), want[e, :n].view(torch.uint8))
         assert torch.equal(sf_got[e, :n], sf_want[e, :n])
         assert torch.equal(un_got[s:s + n], un_want[s:s + n])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("round_scale", [False, True])
+def test_triton_fp8_quantiser_matches_the_reference(round_scale):
+    from deepep_switch.fp8 import dequantize_fp8, quantize_fp8
+    from routers.kernels.triton_fp8_quant import quantize_fp8_triton
+
+    x = (torch.randn(333, 7168, device="cuda") * torch.rand(333, 1, device="cuda") * 10).to(torch.bfloat16)
+    x[7] = 0  # an all-zero token uses the 1e-4 floor
+    q, s = quantize_fp8_triton(x, round_scale)
+    q_ref, s_ref = quantize_fp8(x, round_scale)
+    assert q.shape == q_ref.shape and s.shape == s_ref.shape and q.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    mismatch = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
+    assert mismatch < 1e-3, mismatch  # only division-rounding ties may differ, by one e4m3 step
+    torch.testing.assert_close(dequantize_fp8(q, s), dequantize_fp8(q_ref, s_ref), rtol=0.07, atol=1e-6)
+    empty_q, empty_s = quantize_fp8_triton(x[:0], round_scale)
+    assert empty_q.shape == (0, 7168) and empty_s.shape == (0, 56)
