@@ -3,7 +3,7 @@
 # device after ../shared/gpu/install.sh. Logs and JSON records go to $OUT (default ./gpu-out).
 #   scripts/gpu-validate.sh core      # test_gpu_core.py + the Triton layout kernel tests (2 GPUs)
 #   scripts/gpu-validate.sh routers   # test_gpu_routers.py (2 GPUs, and 4 if present)
-#   scripts/gpu-validate.sh bench N   # deepep-switch bench on N ranks
+#   scripts/gpu-validate.sh bench N [bench args...]   # deepep-switch bench on N ranks
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -25,7 +25,8 @@ case "${1:-}" in
   bench)
     n=${2:-2}
     stamp "bench EP$n" | tee "$OUT/bench-ep$n.log"
-    timeout 580 python3 -m deepep_switch.cli bench --ranks "$n" --json "$OUT/bench-ep$n.json" 2>&1 | tee -a "$OUT/bench-ep$n.log"
+    shift 2 || true
+    timeout 580 python3 -m deepep_switch.cli bench --ranks "$n" --json "$OUT/bench-ep$n.json" "$@" 2>&1 | tee -a "$OUT/bench-ep$n.log"
     ;;
   *)
     echo "usage: $0 core|routers|bench N" >&2
