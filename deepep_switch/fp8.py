@@ -46,7 +46,9 @@ def quantize_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tens
         e = _pow2_ceil_exponent(amax * (1.0 / FP8_MAX))
         scale_inv, scale = _pow2(e), _pow2(-e)
     else:
-        scale_inv, scale = amax * (1.0 / FP8_MAX), FP8_MAX / amax
+        # A true division (one rounding), as DeepEP's kernel does; ``FP8_MAX / amax`` in torch would compute
+        # ``reciprocal(amax) * FP8_MAX`` (two roundings).
+        scale_inv, scale = amax * (1.0 / FP8_MAX), torch.div(torch.full_like(amax, FP8_MAX), amax)
     q = (groups * scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.reshape(x.shape), scale_inv
 

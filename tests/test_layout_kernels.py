@@ -100,9 +100,12 @@ def test_triton_fp8_quantiser_matches_the_reference(round_scale):
     q, s = quantize_fp8_triton(x, round_scale)
     q_ref, s_ref = quantize_fp8(x, round_scale)
     assert q.shape == q_ref.shape and s.shape == s_ref.shape and q.dtype == torch.float8_e4m3fn
-    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
-    mismatch = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
-    assert mismatch < 1e-3, mismatch  # only division-rounding ties may differ, by one e4m3 step
-    torch.testing.assert_close(dequantize_fp8(q, s), dequantize_fp8(q_ref, s_ref), rtol=0.07, atol=1e-6)
+    # Scales are bit-exact (IEEE division, as DeepEP's kernel). Triton's fp32 -> e4m3 cast may round a rare tie
+    # differently from torch's: such codes differ by one e4m3 step (at most 1/8 relative), never more.
+    assert torch.equal(s, s_ref)
+    differ = q.view(torch.uint8) != q_ref.view(torch.uint8)
+    assert differ.float().mean().item() < 1e-3
+    a, b = dequantize_fp8(q, s)[differ], dequantize_fp8(q_ref, s_ref)[differ]
+    assert bool(((a - b).abs() <= 0.125 * torch.maximum(a.abs(), b.abs()) + 1e-12).all())
     empty_q, empty_s = quantize_fp8_triton(x[:0], round_scale)
     assert empty_q.shape == (0, 7168) and empty_s.shape == (0, 56)

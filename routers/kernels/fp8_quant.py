@@ -25,7 +25,9 @@ def quantizer_for(device: torch.device, round_scale: bool) -> tuple[str, Quantiz
     if device.type == "cuda":
         try:
             from .triton_fp8_quant import quantize_fp8_triton
-        except Exception as exc:  # no Triton: correct but slower
+
+            quantize_fp8_triton(torch.ones((1, 128), dtype=torch.bfloat16, device=device), round_scale)  # compiles
+        except Exception as exc:  # no Triton, or it cannot build here: correct but slower
             logger.warning("Triton FP8 quantiser unavailable (%s); using the torch one", exc)
         else:
             return "triton", lambda x: quantize_fp8_triton(x, round_scale)

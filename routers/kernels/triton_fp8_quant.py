@@ -26,7 +26,7 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, num_groups, x_stride, q_stride, s_stride,
         scale = ((127 - e) << 23).to(tl.float32, bitcast=True)
     else:
         scale_inv = amax * (1.0 / 448.0)
-        scale = 448.0 / amax
+        scale = tl.fdiv(tl.full(amax.shape, 448.0, tl.float32), amax, ieee_rounding=True)  # IEEE, as torch divides
     q = tl.minimum(tl.maximum(v * scale[:, None], -448.0), 448.0).to(tl.float8e4nv)
     tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
     tl.store(s_ptr + row * s_stride + g, scale_inv, mask=g < num_groups)
