@@ -235,7 +235,8 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
     agreement = agree(table)
 
     for setting, by_value in agreement.disagreements.items():
-        logger.warning("deepep-switch rank %d/%d: ranks disagree on %s: %s", rank, world, setting, by_value)
+        name = env_name("backend_raw" if setting == "backend" else setting)
+        logger.warning("deepep-switch rank %d/%d: ranks disagree on %s: %s", rank, world, name, by_value)
     if agreement.error:
         logger.error("deepep-switch rank %d/%d: %s", rank, world, agreement.error)
         raise BackendUnavailableError(agreement.error)
