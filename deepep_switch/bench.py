@@ -80,13 +80,10 @@ class _Timer:
 
 
 def _config(rank: int, world: int, spec: BenchSpec, tokens: int, low_latency: bool):
-    from .config import DeepepWrapperConfig
+    from .testing import layer_config
 
-    return DeepepWrapperConfig(
-        ep_rank=rank, ep_size=world, tp_size=1, local_rank=rank, world_size=world, hidden_size=spec.hidden,
-        expert_num=spec.num_experts, moe_k=spec.topk, deep_ep_num_sm=0, use_deepep_low_latency=low_latency,
-        use_deepep_internode=False, ll_num_max_token=tokens, ll_num_max_token_per_rank=tokens if low_latency else 0,
-        max_tokens_per_rank=tokens, use_fp8_dispatch=spec.use_fp8)
+    return layer_config(rank, world, hidden=spec.hidden, experts=spec.num_experts, topk=spec.topk, capacity=tokens,
+                        low_latency=low_latency, use_fp8_dispatch=spec.use_fp8)
 
 
 def _inputs(rank: int, tokens: int, spec: BenchSpec, device: torch.device):

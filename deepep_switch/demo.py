@@ -29,8 +29,7 @@ def run_rank(rank: int, world: int, spec: DemoSpec, device_kind: str) -> dict[st
     """One rank of the demo (called by :func:`deepep_switch.launch.spawn`). Returns a printable summary."""
     from routers import LowLatencyRouter, NormalRouter, RouterOptions
 
-    from .config import DeepepWrapperConfig
-    from .testing import ToyExperts, dense_reference, make_problem, relative_error, run_moe_layer
+    from .testing import ToyExperts, dense_reference, layer_config, make_problem, relative_error, run_moe_layer
     from .wrapper import DeepEPWrapper
 
     device = torch.device("cuda", rank) if device_kind == "cuda" else torch.device("cpu")
@@ -41,11 +40,8 @@ def run_rank(rank: int, world: int, spec: DemoSpec, device_kind: str) -> dict[st
     max_tokens = max(max(spec.tokens_per_rank), 1)
     summary: dict[str, Any] = {"rank": rank, "tokens": x.shape[0]}
     for low_latency in (False, True):
-        config = DeepepWrapperConfig(
-            ep_rank=rank, ep_size=world, tp_size=1, local_rank=rank, world_size=world, hidden_size=spec.hidden,
-            expert_num=spec.num_experts, moe_k=spec.topk, deep_ep_num_sm=0, use_deepep_low_latency=low_latency,
-            use_deepep_internode=False, ll_num_max_token=max_tokens,
-            ll_num_max_token_per_rank=max_tokens if low_latency else 0, max_tokens_per_rank=max_tokens)
+        config = layer_config(rank, world, hidden=spec.hidden, experts=spec.num_experts, topk=spec.topk,
+                              capacity=max_tokens, low_latency=low_latency)
         wrapper = DeepEPWrapper.create(config)
         try:
             router = (LowLatencyRouter if low_latency else NormalRouter)(wrapper, RouterOptions())

@@ -14,7 +14,21 @@ import torch
 
 from routers.payloads import CombineForwardPayload, ExpertForwardPayload
 
+from .config import DeepepWrapperConfig
 from .fp8 import dequantize_fp8, quantize_fp8
+
+
+def layer_config(rank: int, world: int, *, hidden: int, experts: int, topk: int, capacity: int,
+                 low_latency: bool = False, **overrides: Any) -> DeepepWrapperConfig:
+    """A single-node ``DeepepWrapperConfig`` for one MoE layer: ``capacity`` tokens per rank per dispatch serves
+    as the low-latency budget and the elastic normal-mode capacity. ``overrides`` replace any other field."""
+    fields = dict(
+        ep_rank=rank, ep_size=world, tp_size=1, local_rank=rank, world_size=world, hidden_size=hidden,
+        expert_num=experts, moe_k=topk, deep_ep_num_sm=0, use_deepep_low_latency=low_latency,
+        use_deepep_internode=False, ll_num_max_token=capacity,
+        ll_num_max_token_per_rank=capacity if low_latency else 0, max_tokens_per_rank=capacity)
+    fields.update(overrides)
+    return DeepepWrapperConfig(**fields)
 
 
 @dataclass

@@ -7,11 +7,12 @@ import time
 
 import pytest
 
+from _helpers import settings_from_env
 from deepep_switch.backend import Backend
 from deepep_switch.decision import AGREED_KNOBS, BackendUnavailableError, Vote, agree, resolve_backend
 from deepep_switch.launch import spawn
 from deepep_switch.preflight import CHECK_NAMES, Check, PreflightReport
-from deepep_switch.settings import BackendChoice, ProviderChoice, load_settings
+from deepep_switch.settings import BackendChoice, ProviderChoice
 
 MODES = list(BackendChoice)
 GIN_BIT = 1 << CHECK_NAMES.index("gin")
@@ -101,11 +102,8 @@ def _failing_gin_report() -> PreflightReport:
 
 
 def _decide(env: dict[str, str], preflight=None):
-    for key in [k for k in os.environ if k.startswith("RTP_LLM_DEEPEP_")]:
-        del os.environ[key]
-    os.environ.update(env)
     try:
-        d = resolve_backend(settings=load_settings(), preflight=preflight)
+        d = resolve_backend(settings=settings_from_env(**env), preflight=preflight)
     except BackendUnavailableError as exc:
         return ("raised", str(exc))
     return (d.resolved.value, d.reasons, d.settings.num_sms, d.consensus.disagreements if d.consensus else None)

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from _helpers import record_gpu_results, settings_from_env as _settings
 from deepep_switch.launch import spawn
+from deepep_switch.testing import layer_config
 
 pytestmark = pytest.mark.gpu
 
@@ -21,22 +23,8 @@ H, E, K, TOKENS = 7168, 64, 8, 128  # the shapes of the bench and of docs/perfor
 WORLD = 2
 
 
-def _settings(**env: str):
-    from deepep_switch.settings import load_settings
-
-    for key in [k for k in os.environ if k.startswith("RTP_LLM_DEEPEP_")]:
-        del os.environ[key]
-    os.environ.update(env)
-    return load_settings()
-
-
 def _config(rank: int, world: int, low_latency: bool):
-    from deepep_switch import DeepepWrapperConfig
-
-    return DeepepWrapperConfig(
-        ep_rank=rank, ep_size=world, tp_size=1, local_rank=rank, world_size=world, hidden_size=H, expert_num=E,
-        moe_k=K, deep_ep_num_sm=0, use_deepep_low_latency=low_latency, use_deepep_internode=False,
-        ll_num_max_token=TOKENS, ll_num_max_token_per_rank=TOKENS if low_latency else 0, max_tokens_per_rank=TOKENS)
+    return layer_config(rank, world, hidden=H, experts=E, topk=K, capacity=TOKENS, low_latency=low_latency)
 
 
 def _inputs(rank: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,20 +204,10 @@ def _core_worker(rank: int, world: int) -> dict[str, Any]:
     return {"sizes": _sizes(rank, world), "agreement": _agreement(rank, world), "memory": _memory(rank, world, 20)}
 
 
-def record(name: str, results: Any) -> None:
-    """Keep the raw results for docs/gpu-validation.md when GPU_RECORD_DIR is set (the device run sets it)."""
-    directory = os.environ.get("GPU_RECORD_DIR")
-    if directory:
-        import json
-
-        with open(os.path.join(directory, f"{name}.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
-
-
 @pytest.fixture(scope="module")
 def core_results() -> list[dict[str, Any]]:
     results = spawn(_core_worker, WORLD, backend="nccl", timeout_s=540)
-    record("gpu_core", results)
+    record_gpu_results("gpu_core", results)
     return results
 
 
@@ -317,7 +295,7 @@ def _gin_worker(rank: int, world: int) -> dict[str, Any]:
 
 def test_missing_gin_falls_back_to_legacy_on_every_rank():
     results = spawn(_gin_worker, WORLD, backend="nccl", env={"EP_DISABLE_GIN": None}, timeout_s=240)
-    record("gpu_gin_fallback", results)
+    record_gpu_results("gpu_gin_fallback", results)
     for rank, r in enumerate(results):
         backend, reasons, fallback = r["preflight"]
         assert backend == "legacy" and fallback is None and any("gin" in reason for reason in reasons), r

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from _helpers import record_gpu_results, settings_from_env as _settings
 from deepep_switch.launch import spawn
+from deepep_switch.testing import layer_config
 
 pytestmark = pytest.mark.gpu
 
@@ -41,22 +43,8 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _settings(**env: str):
-    from deepep_switch.settings import load_settings
-
-    for key in [k for k in os.environ if k.startswith("RTP_LLM_DEEPEP_")]:
-        del os.environ[key]
-    os.environ.update(env)
-    return load_settings()
-
-
 def _config(rank: int, world: int, low_latency: bool):
-    from deepep_switch import DeepepWrapperConfig
-
-    return DeepepWrapperConfig(
-        ep_rank=rank, ep_size=world, tp_size=1, local_rank=rank, world_size=world, hidden_size=H, expert_num=E,
-        moe_k=K, deep_ep_num_sm=0, use_deepep_low_latency=low_latency, use_deepep_internode=False,
-        ll_num_max_token=N, ll_num_max_token_per_rank=N if low_latency else 0, max_tokens_per_rank=N)
+    return layer_config(rank, world, hidden=H, experts=E, topk=K, capacity=N, low_latency=low_latency)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -187,22 +175,13 @@ def _router_worker(rank: int, world: int, cases: list[Case]) -> dict[str, Any]:
     return out
 
 
-def _record(name: str, results: Any) -> None:
-    directory = os.environ.get("GPU_RECORD_DIR")
-    if directory:
-        import json
-
-        with open(os.path.join(directory, f"{name}.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=["2gpu", "4gpu"])
 def results(request) -> tuple[int, list[dict[str, Any]]]:
     world = request.param
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     out = spawn(_router_worker, world, args=(CASES[world],), backend="nccl", timeout_s=560)
-    _record(f"gpu_routers_{world}", out)
+    record_gpu_results(f"gpu_routers_{world}", out)
     return world, out
 
 

@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from deepep_switch import DeepEPWrapper, DeepepWrapperConfig
+from _helpers import settings_from_env
 from deepep_switch.launch import spawn
-from deepep_switch.settings import load_settings
-from deepep_switch.testing import (ToyExperts, canonical_row_order, dense_reference, make_problem, relative_error,
-                                   run_moe_layer)
+from deepep_switch.testing import (ToyExperts, canonical_row_order, dense_reference, layer_config, make_problem,
+                                   relative_error, run_moe_layer)
 from routers import CombineForwardPayload, LowLatencyRouter, NormalRouter, RouterOptions
 
 TOL = 1e-2  # bf16 end to end
@@ -35,19 +35,13 @@ class Case:
 
 
 def _settings(backend: str, **extra: str):
-    for key in [k for k in os.environ if k.startswith("RTP_LLM_DEEPEP_")]:
-        del os.environ[key]
-    os.environ.update({"RTP_LLM_DEEPEP_BACKEND": backend, **extra})
-    return load_settings()
+    return settings_from_env(RTP_LLM_DEEPEP_BACKEND=backend, **extra)
 
 
 def _wrapper_config(rank: int, world: int, case: Case, low_latency: bool) -> DeepepWrapperConfig:
-    capacity = max(max(case.tokens), 1)
-    return DeepepWrapperConfig(
-        ep_rank=rank, ep_size=world, tp_size=case.tp, local_rank=rank, world_size=world, hidden_size=case.hidden,
-        expert_num=case.experts, moe_k=case.topk, deep_ep_num_sm=0, use_deepep_low_latency=low_latency,
-        use_deepep_internode=False, ll_num_max_token=capacity, ll_num_max_token_per_rank=capacity if low_latency else 0,
-        max_tokens_per_rank=capacity, use_fp8_dispatch=case.fp8)
+    return layer_config(rank, world, hidden=case.hidden, experts=case.experts, topk=case.topk,
+                        capacity=max(max(case.tokens), 1), low_latency=low_latency, tp_size=case.tp,
+                        use_fp8_dispatch=case.fp8)
 
 
 def _tp_groups(world: int, tp: int) -> list[Any]:

@@ -7,27 +7,24 @@ import os
 
 import pytest
 
+from _helpers import settings_from_env
 from deepep_switch import DeepEPMode, DeepEPWrapper, DeepepWrapperConfig
 from deepep_switch.decision import BackendUnavailableError
 from deepep_switch.launch import spawn
 from deepep_switch.providers.reference import ReferenceBuffer, ReferenceConfig, ReferenceElasticBuffer
 from deepep_switch.providers.reference.hints import elastic_buffer_size_hint, low_latency_rdma_size_hint
-from deepep_switch.settings import load_settings
+from deepep_switch.testing import layer_config
 
 
 def make_config(rank: int, world: int, low_latency: bool = False, **over) -> DeepepWrapperConfig:
-    cfg = DeepepWrapperConfig(
-        ep_rank=rank, ep_size=world, tp_size=1, local_rank=rank, world_size=world, hidden_size=512,
-        expert_num=16, moe_k=4, deep_ep_num_sm=0, use_deepep_low_latency=low_latency, use_deepep_internode=False,
-        ll_num_max_token=64, ll_num_max_token_per_rank=64 if low_latency else 0, max_tokens_per_rank=256)
+    # LL budget 64 tokens, elastic normal capacity 256: the two capacities differ on purpose.
+    cfg = layer_config(rank, world, hidden=512, experts=16, topk=4, capacity=64, low_latency=low_latency,
+                       max_tokens_per_rank=256)
     return dataclasses.replace(cfg, **over)
 
 
 def _use(env: dict[str, str]):
-    for key in [k for k in os.environ if k.startswith("RTP_LLM_DEEPEP_")]:
-        del os.environ[key]
-    os.environ.update(env)
-    return load_settings()
+    return settings_from_env(**env)
 
 
 def _lifecycle_worker(rank: int, world: int) -> dict:
