@@ -93,8 +93,9 @@ class RouterBase(ABC):
         real_deep_ep = wrapper.provider.choice is ProviderChoice.DEEP_EP
         # Real DeepEP runs on the current CUDA device; the reference providers may run anywhere (torch kernels).
         self.device = torch.device("cuda", torch.cuda.current_device()) if real_deep_ep else torch.device("cpu")
-        self.quantizer, quantize = quantizer_for(self.device, options.round_scale)
-        self._quantize = quantize if options.use_fp8 else identity
+        # Which FP8 quantiser runs ("triton"/"torch"), or None without FP8 (nothing is compiled then).
+        self.quantizer, self._quantize = (quantizer_for(self.device, options.round_scale) if options.use_fp8
+                                          else (None, identity))
         self._handle: Any = None
         self._path = self._bind(wrapper.backend, real_deep_ep)
         logger.debug("%s bound to %s path %s", type(self).__name__, wrapper.backend.value, type(self._path).__name__)
