@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .exchange import NoEvent, RowPack, exchange_counts, exchange_rows
+from .exchange import NoEvent, RowPack, exchange_counts, exchange_rows, to_local_ids, token_in_rank
 from .hints import elastic_buffer_size_hint
 from .legacy import _garbage_like
 
@@ -135,10 +135,7 @@ class ReferenceElasticBuffer:
         local_experts = num_experts // ranks
         device, topk = x_data.device, topk_idx.shape[1]
 
-        valid = topk_idx >= 0
-        owner = torch.where(valid, topk_idx // local_experts, torch.full_like(topk_idx, ranks))
-        in_rank = torch.zeros((topk_idx.shape[0], ranks + 1), dtype=torch.bool, device=device)
-        in_rank.scatter_(1, owner, True)
+        in_rank = token_in_rank(topk_idx, num_experts, ranks)
         dst_rows = [torch.nonzero(in_rank[:, r], as_tuple=True)[0] for r in range(ranks)]
         send_token_idx = torch.cat(dst_rows)
         send_counts = [int(t.numel()) for t in dst_rows]
@@ -154,8 +151,7 @@ class ReferenceElasticBuffer:
         recv_gidx, recv_src_global = got[0], got[1]
         recv_w = got[2] if has_w else None
 
-        owned = (recv_gidx >= rank * local_experts) & (recv_gidx < (rank + 1) * local_experts)
-        recv_idx = torch.where(owned, recv_gidx - rank * local_experts, torch.full_like(recv_gidx, -1))
+        recv_idx, owned = to_local_ids(recv_gidx, rank, local_experts)
         perm = self._arrival_permutation(recv_counts, recv_src_global, device)
         counts = torch.bincount(recv_idx[owned], minlength=local_experts)
         aligned = [-(-c // align) * align for c in counts.tolist()]
@@ -270,23 +266,27 @@ class ReferenceElasticBuffer:
         route.slots = slots
         src_meta[:, 2:] = slots.to(torch.int32)
 
-        x_out = _garbage_like((route.num_rows, rx.shape[1]), rx.dtype, device)
-        x_out[slot] = rx[row_of]
-        sf_out = None
-        if rsf is not None:
-            sf_out = _garbage_like((route.num_rows, *rsf.shape[1:]), rsf.dtype, device)
-            sf_out[slot] = rsf[row_of]
-        w_out = None
-        if recv_w is not None:
-            w_out = _garbage_like((route.num_rows,), torch.float32, device)
-            w_out[slot] = recv_w[row_of, k_of]
         route.padding = self._padding_rows(route.num_rows, slot, int(aligned.sum()), device)
-        if zero_padding:
-            for t in (x_out, sf_out, w_out):
-                if t is not None:
-                    t[route.padding] = 0
+        x_out, sf_out, w_out = self._fill_slots(route, rx, rsf, recv_w, row_of, k_of, slot, zero_padding)
         psum = (starts + counts).to(torch.int32)
         return x_out, sf_out, None, w_out, psum
+
+    @staticmethod
+    def _fill_slots(route: _ElasticRoute, rx: torch.Tensor, rsf: Optional[torch.Tensor], rw: Optional[torch.Tensor],
+                    row_of: torch.Tensor, k_of: torch.Tensor, slot: torch.Tensor, zero_padding: bool):
+        """Expanded outputs: slot ``slot[i]`` gets received row ``row_of[i]`` (and its weight at ``k_of[i]``);
+        every other row is garbage, or 0 inside an expert's alignment padding with ``zero_padding``."""
+        def scatter(values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if values is None:
+                return None
+            out = _garbage_like((route.num_rows, *values.shape[1:]), values.dtype, values.device)
+            out[slot] = values
+            if zero_padding:
+                out[route.padding] = 0
+            return out
+
+        return (scatter(rx[row_of]), scatter(rsf[row_of] if rsf is not None else None),
+                scatter(rw[row_of, k_of] if rw is not None else None))
 
     @staticmethod
     def _padding_rows(num_rows: int, slot: torch.Tensor, aligned_total: int, device: torch.device) -> torch.Tensor:
@@ -305,23 +305,9 @@ class ReferenceElasticBuffer:
         if handle.do_expand:
             if topk_weights is not None and not self.allow_multiple_reduction:
                 raise RuntimeError("expand combine with topk_weights needs allow_multiple_reduction=True")
-            slots = route.slots
-            row_of, k_of = torch.nonzero(slots >= 0, as_tuple=True)
-            slot = slots[row_of, k_of]
-            x_out = _garbage_like((route.num_rows, rx.shape[1]), rx.dtype, rx.device)
-            x_out[slot] = rx[row_of]
-            sf_out = None
-            if rsf is not None:
-                sf_out = _garbage_like((route.num_rows, *rsf.shape[1:]), rsf.dtype, rsf.device)
-                sf_out[slot] = rsf[row_of]
-            w_out = None
-            if rw is not None:
-                w_out = _garbage_like((route.num_rows,), torch.float32, rx.device)
-                w_out[slot] = rw[row_of, k_of]
-            if zero_padding:
-                for t in (x_out, sf_out, w_out):
-                    if t is not None:
-                        t[route.padding] = 0
+            row_of, k_of = torch.nonzero(route.slots >= 0, as_tuple=True)
+            slot = route.slots[row_of, k_of]
+            x_out, sf_out, w_out = self._fill_slots(route, rx, rsf, rw, row_of, k_of, slot, zero_padding)
             recv = (x_out, sf_out) if sf is not None else x_out
             return recv, None, w_out, handle, NoEvent()
         local = handle.num_experts // self.num_ranks
@@ -329,8 +315,7 @@ class ReferenceElasticBuffer:
         pack = RowPack([(torch.int64, (gidx.shape[1],))])
         recv_gidx = pack.unpack(exchange_rows(pack.pack([gidx.to(torch.int64)]), route.send_counts,
                                               route.recv_counts, self.group))[0]
-        owned = (recv_gidx >= self.rank_idx * local) & (recv_gidx < (self.rank_idx + 1) * local)
-        recv_idx = torch.where(owned, recv_gidx - self.rank_idx * local, torch.full_like(recv_gidx, -1))
+        recv_idx, _ = to_local_ids(recv_gidx, self.rank_idx, local)
         recv = (self._place(rx, route), self._place(rsf, route)) if sf is not None else self._place(rx, route)
         w_out = self._place(rw, route) if rw is not None else None
         return recv, self._place(recv_idx, route, garbage=True), w_out, handle, NoEvent()

@@ -51,6 +51,22 @@ class RowPack:
         return out
 
 
+def token_in_rank(topk_idx: torch.Tensor, num_experts: int, ranks: int) -> torch.Tensor:
+    """bool ``[T, R]``: whether token t picked any expert owned by rank r (-1 ids pick none)."""
+    local_experts = num_experts // ranks
+    owner = torch.where(topk_idx >= 0, topk_idx // local_experts, torch.full_like(topk_idx, ranks))
+    in_rank = torch.zeros((topk_idx.shape[0], ranks + 1), dtype=torch.bool, device=topk_idx.device)
+    in_rank.scatter_(1, owner, True)
+    return in_rank[:, :ranks].contiguous()
+
+
+def to_local_ids(global_ids: torch.Tensor, rank: int, local_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global expert ids -> ``(local ids with -1 for experts on other ranks, mask of the ids this rank owns)``."""
+    first = rank * local_experts
+    owned = (global_ids >= first) & (global_ids < first + local_experts)
+    return torch.where(owned, global_ids - first, torch.full_like(global_ids, -1)), owned
+
+
 def exchange_counts(send_counts: list[int], group: Optional[dist.ProcessGroup], device: torch.device) -> list[int]:
     """Tell every rank how many rows it will receive from each rank; returns the receive counts."""
     send = torch.tensor(send_counts, dtype=torch.int64, device=device)

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from ...fp8 import quantize_fp8
-from .exchange import NoEvent, RowPack, all_gather_counts, exchange_counts, exchange_rows, no_hook
+from .exchange import (NoEvent, RowPack, all_gather_counts, exchange_counts, exchange_rows, no_hook, to_local_ids,
+                       token_in_rank)
 from .hints import ReferenceConfig, low_latency_rdma_size_hint
 
 XType = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -140,15 +141,9 @@ class ReferenceBuffer:
                             ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, NoEvent]:
         """Returns ``(num_tokens_per_rank [R] i32, None, num_tokens_per_expert [E] i32, is_token_in_rank [T,R] bool, event)``."""
         self._check_alive()
-        ranks = self.group_size
-        local_experts = num_experts // ranks
-        valid = topk_idx >= 0
-        owner = torch.where(valid, topk_idx // local_experts, torch.full_like(topk_idx, ranks))
-        in_rank = torch.zeros((topk_idx.shape[0], ranks + 1), dtype=torch.bool, device=topk_idx.device)
-        in_rank.scatter_(1, owner, True)
-        is_token_in_rank = in_rank[:, :ranks].contiguous()
+        is_token_in_rank = token_in_rank(topk_idx, num_experts, self.group_size)
         per_rank = is_token_in_rank.sum(dim=0).to(torch.int32)
-        per_expert = torch.bincount(topk_idx[valid], minlength=num_experts).to(torch.int32)
+        per_expert = torch.bincount(topk_idx[topk_idx >= 0], minlength=num_experts).to(torch.int32)
         return per_rank, None, per_expert, is_token_in_rank, NoEvent()
 
     def dispatch(self, x: XType, handle: Optional[tuple] = None,
@@ -193,8 +188,7 @@ class ReferenceBuffer:
         recv_idx, recv_w, recv_src = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.group))
         recv_x, recv_scales = self._move_rows(x_data, x_scales, route)
 
-        owned = (recv_idx >= rank * local_experts) & (recv_idx < (rank + 1) * local_experts)
-        recv_idx = torch.where(owned, recv_idx - rank * local_experts, torch.full_like(recv_idx, -1))
+        recv_idx, owned = to_local_ids(recv_idx, rank, local_experts)
         recv_w = torch.where(owned, recv_w, torch.zeros_like(recv_w))
         counts = torch.bincount(recv_idx[owned], minlength=local_experts)
         align = max(1, expert_alignment)
