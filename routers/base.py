@@ -65,6 +65,12 @@ class RouterOptions:
     tp_group: Optional[dist.ProcessGroup] = None
 
 
+def check_elastic_hidden(hidden: int) -> None:
+    """Real ElasticBuffer's combine kernel static-asserts hidden % 256; say so when the router is built."""
+    if hidden % 256:
+        raise ValueError(f"ElasticBuffer combine needs hidden % 256 == 0 (a JIT static assert), got {hidden}")
+
+
 def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 

@@ -24,7 +24,7 @@ import torch
 from deepep_switch.backend import Backend
 from deepep_switch.config import DeepEPMode
 
-from .base import RouterBase
+from .base import RouterBase, check_elastic_hidden
 from .kernels.masked_layout import LayoutOps, layout_ops_for
 from .payloads import ExpertForwardPayload, ExpertTokensMetadata
 
@@ -116,11 +116,6 @@ class ElasticLowLatencyPath:
         out, _, _ = self.buffer.combine(rows, state.handle, num_sms=state.handle.num_sms)
         return out
 
-    @staticmethod
-    def check_limits(hidden: int) -> None:
-        if hidden % 256:
-            raise ValueError(f"ElasticBuffer combine needs hidden % 256 == 0 (a JIT static assert), got {hidden}")
-
 
 class LowLatencyRouter(RouterBase):
     """prepare/finalize for decode batches; the same 3-D payload on both backends.
@@ -141,7 +136,7 @@ class LowLatencyRouter(RouterBase):
         opts = self.options
         if backend is Backend.ELASTIC:
             if real_deep_ep:
-                ElasticLowLatencyPath.check_limits(self.hidden_size)
+                check_elastic_hidden(self.hidden_size)
             return ElasticLowLatencyPath(self.wrapper.buffer, self.num_experts, capacity, self.ep_size, opts.use_fp8,
                                          self._quantize, self.wrapper.decision.settings.num_sms,
                                          layout_ops_for(self.device))

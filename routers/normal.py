@@ -20,7 +20,7 @@ import torch
 from deepep_switch.backend import Backend
 from deepep_switch.config import DeepEPMode
 
-from .base import RouterBase
+from .base import RouterBase, check_elastic_hidden
 from .payloads import ExpertForwardPayload, ExpertTokensMetadata
 
 XType = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -65,11 +65,6 @@ class ElasticNormalPath:
         out, _, _ = self.buffer.combine(y, handle, num_sms=handle.num_sms)
         return out
 
-    @staticmethod
-    def check_limits(hidden: int) -> None:
-        if hidden % 256:
-            raise ValueError(f"ElasticBuffer combine needs hidden % 256 == 0 (a JIT static assert), got {hidden}")
-
 
 def _counts_on_device_pinned(counts: list[int], device: torch.device) -> torch.Tensor:
     # Pinned memory + non_blocking: the host does not wait for the dispatch kernels to drain before it can queue
@@ -96,7 +91,7 @@ class NormalRouter(RouterBase):
         buffer, alignment = self.wrapper.buffer, self.options.expert_alignment
         if backend is Backend.ELASTIC:
             if real_deep_ep:
-                ElasticNormalPath.check_limits(self.hidden_size)
+                check_elastic_hidden(self.hidden_size)
             return ElasticNormalPath(buffer, self.num_experts, alignment, self.wrapper.decision.settings.num_sms,
                                      self.num_local_experts)
         return LegacyNormalPath(buffer, self.num_experts, alignment)
