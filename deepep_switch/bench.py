@@ -13,7 +13,6 @@ use CUDA events after a barrier; on CPU (reference providers) they are wall-cloc
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+from .quant import Quant
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Row:
     backend: str
     mode: str
     tokens: int
-    raw_us: float
+    raw_us: Optional[float]
     router_us: float
     raw_graph_us: Optional[float] = None
     graph_us: Optional[float] = None
@@ -79,11 +80,15 @@ class _Timer:
         return statistics.median(samples)
 
 
+def _quant(spec: BenchSpec) -> Quant:
+    return Quant.FP8_BLOCK if spec.use_fp8 else Quant.NONE
+
+
 def _config(rank: int, world: int, spec: BenchSpec, tokens: int, low_latency: bool):
     from .testing import layer_config
 
     return layer_config(rank, world, hidden=spec.hidden, experts=spec.num_experts, topk=spec.topk, capacity=tokens,
-                        low_latency=low_latency, use_fp8_dispatch=spec.use_fp8)
+                        low_latency=low_latency, quant=_quant(spec))
 
 
 def _inputs(rank: int, tokens: int, spec: BenchSpec, device: torch.device):
@@ -95,34 +100,13 @@ def _inputs(rank: int, tokens: int, spec: BenchSpec, device: torch.device):
 
 
 def _raw_round_trip(wrapper: Any, low_latency: bool, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-                    spec: BenchSpec) -> Callable[[], Any]:
-    from .backend import Backend
-    from .fp8 import quantize_fp8
-
-    buf, experts = wrapper.buffer, spec.num_experts
-    payload = quantize_fp8(x) if spec.use_fp8 else x
-    if wrapper.backend is Backend.LEGACY and not low_latency:
-        def legacy_normal() -> Any:
-            a, b, c, d, _ = buf.get_dispatch_layout(ids, experts)
-            recv, _, _, _, handle, _ = buf.dispatch(payload, None, a, b, d, c, ids, w)
-            y = recv[0].to(torch.bfloat16) if spec.use_fp8 else recv
-            return buf.combine(y, handle)[0]
-        return legacy_normal
-    if wrapper.backend is Backend.LEGACY:
-        n = wrapper.ll_num_max_token_per_rank
-
-        def legacy_ll() -> Any:
-            recv, _, handle, _, _ = buf.low_latency_dispatch(x, ids, n, experts, use_fp8=spec.use_fp8)
-            y = recv[0].to(torch.bfloat16) if spec.use_fp8 else recv
-            return buf.low_latency_combine(y, ids, w, handle)[0]
-        return legacy_ll
-
-    def elastic() -> Any:
-        recv, _, _, handle, _ = buf.dispatch(payload, topk_idx=ids, topk_weights=w, num_experts=experts,
-                                             do_cpu_sync=not low_latency, do_expand=low_latency)
-        y = recv[0].to(torch.bfloat16) if spec.use_fp8 else recv
-        return buf.combine(y, handle)[0]
-    return elastic
+                    spec: BenchSpec) -> Optional[Callable[[], Any]]:
+    """The running generation's raw-call baseline (None when its module declares none)."""
+    raw = wrapper.spec.raw_round_trip
+    if raw is None:
+        return None
+    return raw(wrapper.buffer, low_latency, wrapper.ll_num_max_token_per_rank, spec.num_experts, x, ids, w,
+               _quant(spec))
 
 
 def _router_round_trip(router: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Callable[[], Any]:
@@ -188,7 +172,7 @@ def _host_breakdown(router: Any, trip: Callable[[], Any], iters: int) -> dict[st
                 timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return inner
 
-    path, buffer = router._path, router._path.buffer
+    path, buffer = router.path, router.path.buffer
     patched = [(path, "dispatch", "path.dispatch"), (path, "combine", "path.combine")]
     patched += [(buffer, name, f"deep_ep.{name}") for name in _LIBRARY_CALLS if hasattr(buffer, name)]
     for obj, attr, name in patched:
@@ -215,8 +199,7 @@ def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool) -> list[dict[
     timer = _Timer(cuda)
     rows: list[dict[str, Any]] = []
     for backend in spec.backends:
-        os.environ["RTP_LLM_DEEPEP_BACKEND"] = backend
-        settings = load_settings()
+        settings = load_settings(backend_raw=backend)
         for low_latency, token_list in ((False, spec.normal_tokens), (True, spec.low_latency_tokens)):
             for tokens in token_list:
                 free_before = torch.cuda.mem_get_info()[0] if cuda else 0
@@ -225,21 +208,23 @@ def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool) -> list[dict[
                     used = free_before - torch.cuda.mem_get_info()[0] if cuda else 0
                     x, ids, w = _inputs(rank, tokens, spec, device)
                     router = (LowLatencyRouter if low_latency else NormalRouter)(
-                        wrapper, RouterOptions(use_fp8=spec.use_fp8))
+                        wrapper, RouterOptions(quant=_quant(spec)))
                     raw_trip = _raw_round_trip(wrapper, low_latency, x, ids, w, spec)
-                    raw = timer.median_us(raw_trip, spec.iters, spec.warmup, wrapper.group)
+                    raw = (timer.median_us(raw_trip, spec.iters, spec.warmup, wrapper.group)
+                           if raw_trip is not None else None)
                     trip = _router_round_trip(router, x, ids, w)
                     routed = timer.median_us(trip, spec.iters, spec.warmup, wrapper.group)
                     raw_graph = graph = None
                     if low_latency and cuda:
-                        raw_graph = timer.median_us(_graph_round_trip(raw_trip, wrapper.group), spec.iters,
-                                                    spec.warmup, wrapper.group)
+                        raw_graph = (timer.median_us(_graph_round_trip(raw_trip, wrapper.group), spec.iters,
+                                                     spec.warmup, wrapper.group) if raw_trip is not None else None)
                         graph = timer.median_us(_graph_round_trip(trip, wrapper.group), spec.iters, spec.warmup,
                                                 wrapper.group)
                     host = None
                     if spec.profile_path and cuda and tokens <= 128:
                         label = f"{wrapper.backend.value} {'low_latency' if low_latency else 'normal'} {tokens}"
-                        _profile(f"{label} raw", raw_trip, 10, rank, spec.profile_path, wrapper.group)
+                        if raw_trip is not None:
+                            _profile(f"{label} raw", raw_trip, 10, rank, spec.profile_path, wrapper.group)
                         _profile(f"{label} router", trip, 10, rank, spec.profile_path, wrapper.group)
                         dist.barrier(group=wrapper.group)
                         host = _host_breakdown(router, trip, 20)

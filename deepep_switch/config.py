@@ -3,8 +3,8 @@
 The first eighteen fields, their order, ``from_config_adapter``, ``equal`` and the buckets of
 ``calc_low_latency_max_token_per_rank`` match ``rtp_llm.models_py.distributed.deepep_wrapper`` so an engine can
 hand us the config it already builds. Two fields are ours and default to rtp-llm's behaviour:
-``max_tokens_per_rank`` (the ElasticBuffer capacity in normal mode; legacy normal mode has none) and
-``use_fp8_dispatch`` (size the ElasticBuffer for FP8 payloads).
+``max_tokens_per_rank`` (the elastic capacity in normal mode; legacy normal mode has none) and ``quant`` (the
+dispatch quantisation buffers are sized for).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, Optional
 
+from .quant import Quant, quant_for_rtp_method
+
 _PER_TOKEN_METHODS = {
     "FP8_PER_TENSOR_COMPRESSED", "FP8_DYNAMIC_PER_TENSOR",
     "W4A8_INT4_PER_CHANNEL", "W4A8_INT4_PER_CHANNEL_COMPRESSED",
 }
 _BLOCK_METHODS = {"FP8_PER_BLOCK", "modelopt_fp4"}
-_FP8_METHODS = {"FP8_PER_BLOCK", "FP8_PER_TENSOR_COMPRESSED", "FP8_DYNAMIC_PER_TENSOR"}
 
 
 class DeepEPMode(IntEnum):
@@ -58,8 +59,8 @@ class DeepepWrapperConfig:
         enable_ffn_disaggregate, attention_tp_size, attention_dp_size, ffn_tp_size, ffn_dp_size: FFN
             disaggregation (M2N), which needs ACCL-EP and is refused here.
         ll_num_max_token_per_rank: N, low-latency tokens per rank per dispatch (the LL buffer's capacity).
-        max_tokens_per_rank: normal-mode ElasticBuffer capacity (tokens per rank per dispatch).
-        use_fp8_dispatch: payloads are FP8 (x, scales); sizes the ElasticBuffer for FP8.
+        max_tokens_per_rank: normal-mode elastic capacity (tokens per rank per dispatch).
+        quant: the dispatch quantisation (FP8 payloads size the elastic buffer smaller).
     """
 
     ep_rank: int
@@ -81,10 +82,15 @@ class DeepepWrapperConfig:
     ffn_dp_size: int = 0
     ll_num_max_token_per_rank: int = 0
     max_tokens_per_rank: int = 4096
-    use_fp8_dispatch: bool = False
+    quant: Quant = Quant.NONE
 
     def equal(self, other: "DeepepWrapperConfig") -> bool:
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
+
+    @property
+    def use_fp8_dispatch(self) -> bool:
+        """Payloads are FP8 ``(x, scales)`` (``quant`` is an FP8 member)."""
+        return self.quant.is_fp8
 
     @property
     def mode(self) -> DeepEPMode:
@@ -134,7 +140,7 @@ class DeepepWrapperConfig:
     def from_config_adapter(cls, adapter: Any, ll_num_max_token_per_rank: int = 0) -> "DeepepWrapperConfig":
         """Build from rtp-llm's ``MoEConfigAdapter`` (duck-typed: no rtp_llm import).
 
-        ``use_fp8_dispatch`` follows the model's quant method (FP8 methods size the ElasticBuffer for FP8);
+        ``quant`` follows the model's quant method (FP8 methods size the buffer for FP8 payloads);
         ``max_tokens_per_rank`` keeps its default (override with ``RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK``).
         """
         par, model, moe = adapter.parallelism_config, adapter.model_config, adapter.moe_config
@@ -150,5 +156,5 @@ class DeepepWrapperConfig:
             enable_ffn_disaggregate=bool(getattr(ffn, "enable_ffn_disaggregate", False)),
             attention_tp_size=getattr(ffn, "attention_tp_size", 0), attention_dp_size=getattr(ffn, "attention_dp_size", 0),
             ffn_tp_size=getattr(ffn, "ffn_tp_size", 0), ffn_dp_size=getattr(ffn, "ffn_dp_size", 0),
-            ll_num_max_token_per_rank=ll_num_max_token_per_rank, use_fp8_dispatch=method in _FP8_METHODS,
+            ll_num_max_token_per_rank=ll_num_max_token_per_rank, quant=quant_for_rtp_method(method),
         )

@@ -1,29 +1,35 @@
 """The backend decision: settings + preflight on each rank, then one all-gather so every rank resolves the same.
 
-Each rank contributes a :class:`Vote` (a dozen integers). The resolution is a pure function of the gathered
-table (:func:`agree`), so all ranks compute the same answer without a second round:
+Each rank contributes a :class:`Vote` (a few dozen integers: one preflight failure mask per registered
+generation). The resolution is a pure function of the gathered table (:func:`agree`), so all ranks compute the
+same answer without a second round:
 
-* ranks disagree on ``RTP_LLM_DEEPEP_BACKEND``            -> every rank legacy (strict: every rank raises);
-* elastic/auto requested but some rank fails preflight   -> every rank legacy (strict + elastic: raise);
-* ranks disagree on a knob that shapes the buffers       -> every rank uses that knob's default (strict: raise);
-* ranks disagree on the provider (deep_ep vs reference)  -> every rank raises: no safe common choice exists.
+* ranks disagree on ``RTP_LLM_DEEPEP_BACKEND``              -> every rank legacy (strict: every rank raises);
+* a generation (or auto) requested, some rank fails preflight -> every rank legacy (strict + explicit: raise);
+  ``auto`` tries the registered generations by ``auto_priority`` and takes the first every rank can run;
+* ranks disagree on a knob that shapes the buffers         -> every rank uses that knob's default (strict: raise);
+* ranks disagree on the provider (deep_ep vs reference)    -> every rank raises: no safe common choice exists;
+* ranks register different generations                     -> every rank raises;
+* strict mode and an unknown ``RTP_LLM_DEEPEP_BACKEND``     -> every rank raises.
 
-The log names the disagreeing ranks. A rank that never arrives makes the others raise ConsensusTimeout.
+The fallback is the registry's (legacy). The log names the disagreeing ranks. A rank that never arrives makes
+the others raise ConsensusTimeout.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
 from .backend import Backend
+from .backends import registry
 from .consensus import all_gather_ints, group_size_and_rank
-from .preflight import CHECK_NAMES, PreflightReport, Probe, run_preflight
-from .settings import BackendChoice, LoadedSettings, ProviderChoice, SwitchSettings, env_name, get_settings
+from .preflight import PreflightReport, Probe, check_names, run_preflight
+from .settings import BackendChoice, LoadedSettings, ProviderChoice, SwitchSettings, backend_choices, env_name, get_settings
 
 logger = logging.getLogger("deepep_switch.decision")
 
@@ -32,7 +38,6 @@ AGREED_KNOBS = (
     "num_sms", "max_tokens_per_rank", "elastic_allow_hybrid", "elastic_deterministic",
     "elastic_prefer_overlap", "elastic_allow_multiple_reduction",
 )
-_MODES = list(BackendChoice)
 _PROVIDERS = list(ProviderChoice)
 
 
@@ -42,38 +47,56 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Vote:
-    """What one rank asks for and can run, as integers for the all-gather."""
+    """What one rank asks for and can run, as integers for the all-gather.
+
+    Attributes:
+        provider: index into ProviderChoice.
+        mode: index into ``backend_choices()`` (the registered generations, then auto).
+        strict: RTP_LLM_DEEPEP_STRICT.
+        unknown_backend: 1 when this rank's RTP_LLM_DEEPEP_BACKEND was not recognised (it then asks for legacy).
+        knob_problems: how many malformed RTP_LLM_DEEPEP_* knobs this rank has.
+        registry: the registry's digest (ranks must register the same generations in the same order).
+        num_sms ... elastic_allow_multiple_reduction: the AGREED_KNOBS.
+        fail_masks: per registered generation (registry order, ``MAX_BACKENDS`` slots), the failed preflight
+            checks gating it, bit ``check_names().index(name)``.
+    """
 
     provider: int
     mode: int
     strict: int
-    elastic_fail_mask: int
-    legacy_fail_mask: int
+    unknown_backend: int
     knob_problems: int
+    registry: int
     num_sms: int
     max_tokens_per_rank: int
     elastic_allow_hybrid: int
     elastic_deterministic: int
     elastic_prefer_overlap: int
     elastic_allow_multiple_reduction: int
+    fail_masks: tuple[int, ...] = (0,) * registry.MAX_BACKENDS
 
     @classmethod
     def local(cls, loaded: LoadedSettings, report: PreflightReport) -> "Vote":
         s = loaded.settings
+        masks = [report.failure_mask(spec.backend) for spec in registry.registered()]
         return cls(
-            provider=_PROVIDERS.index(s.provider), mode=_MODES.index(s.backend), strict=int(s.strict),
-            elastic_fail_mask=report.failure_mask(Backend.ELASTIC),
-            legacy_fail_mask=report.failure_mask(Backend.LEGACY),
-            knob_problems=len(loaded.knob_problems),
-            **{k: int(getattr(s, k)) for k in AGREED_KNOBS},
+            provider=_PROVIDERS.index(s.provider), mode=backend_choices().index(s.backend), strict=int(s.strict),
+            unknown_backend=int(loaded.backend_problem is not None), knob_problems=len(loaded.knob_problems),
+            registry=registry.digest(), **{k: int(getattr(s, k)) for k in AGREED_KNOBS},
+            fail_masks=tuple(masks + [0] * (registry.MAX_BACKENDS - len(masks))),
         )
 
+    def fail_mask(self, backend: Backend) -> int:
+        """The failed checks gating ``backend`` on this rank."""
+        return self.fail_masks[registry.names().index(backend.value)]
+
     def to_ints(self) -> list[int]:
-        return list(astuple(self))
+        return [getattr(self, f.name) for f in fields(self) if f.name != "fail_masks"] + list(self.fail_masks)
 
     @classmethod
     def from_ints(cls, values: list[int]) -> "Vote":
-        return cls(*values)
+        scalars = len(fields(cls)) - 1
+        return cls(*values[:scalars], fail_masks=tuple(values[scalars:]))
 
 
 class Agreement(BaseModel):
@@ -104,8 +127,8 @@ class BackendDecision(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    requested: Backend = Field(description="ELASTIC for elastic and auto requests, LEGACY otherwise")
-    requested_mode: BackendChoice = Field(description="the parsed RTP_LLM_DEEPEP_BACKEND (legacy/elastic/auto)")
+    requested: Backend = Field(description="the generation asked for; for auto, the best one auto tries")
+    requested_mode: BackendChoice = Field(description="the parsed RTP_LLM_DEEPEP_BACKEND (a generation, or auto)")
     resolved: Backend
     runnable: bool = Field(description="the resolved backend passed preflight on every rank")
     reasons: list[str]
@@ -133,7 +156,18 @@ def _ranks_by_value(values: list[int]) -> dict[int, list[int]]:
 
 
 def _failed_checks(mask: int) -> list[str]:
-    return [name for bit, name in enumerate(CHECK_NAMES) if mask >> bit & 1]
+    return [name for bit, name in enumerate(check_names()) if mask >> bit & 1]
+
+
+def _unable(table: list[Vote], backend: Backend) -> dict[int, list[str]]:
+    """Rank -> failed checks, for the ranks whose preflight rules ``backend`` out."""
+    return {r: _failed_checks(v.fail_mask(backend)) for r, v in enumerate(table) if v.fail_mask(backend)}
+
+
+def auto_candidates() -> list[Backend]:
+    """What ``auto`` tries, best first: every registered generation but the fallback, by ``auto_priority``."""
+    specs = [s for s in registry.registered() if s.backend is not registry.FALLBACK and s.auto_priority > 0]
+    return [s.backend for s in sorted(specs, key=lambda s: -s.auto_priority)]
 
 
 def agree(table: list[Vote]) -> Agreement:
@@ -142,6 +176,15 @@ def agree(table: list[Vote]) -> Agreement:
     reasons: list[str] = []
     errors: list[str] = []
     disagreements: dict[str, dict[str, list[int]]] = {}
+    fallback = registry.FALLBACK
+
+    registries = _ranks_by_value([v.registry for v in table])
+    if len(registries) > 1:
+        errors.append(f"ranks register different deepep-switch generations (registry digests by rank: "
+                      f"{ {str(d): r for d, r in registries.items()} }); run the same code on every rank")
+        return Agreement(resolved=fallback, runnable=False, reasons=errors, knobs={}, strict=strict,
+                         error="deepep-switch cannot pick a backend: " + errors[0])
+    choices = backend_choices()
 
     providers = _ranks_by_value([v.provider for v in table])
     if len(providers) > 1:
@@ -152,6 +195,10 @@ def agree(table: list[Vote]) -> Agreement:
     bad_settings = [r for r, v in enumerate(table) if v.knob_problems]
     if strict and bad_settings:
         errors.append(f"malformed RTP_LLM_DEEPEP_* settings on ranks {bad_settings} (see their warnings)")
+    unknown = [r for r, v in enumerate(table) if v.unknown_backend]
+    if strict and unknown:
+        errors.append(f"{env_name('backend_raw')} is not a known backend on ranks {unknown} (see their warnings; "
+                      f"accepted: {', '.join(c.value for c in choices)})")
 
     knobs: dict[str, int] = {}
     for knob in AGREED_KNOBS:
@@ -168,38 +215,43 @@ def agree(table: list[Vote]) -> Agreement:
             errors.append(message)
 
     modes = _ranks_by_value([v.mode for v in table])
+    resolved = fallback
     if len(modes) > 1:
-        disagreements["backend"] = {_MODES[m].value: r for m, r in modes.items()}
+        disagreements["backend"] = {choices[m].value: r for m, r in modes.items()}
         message = (f"ranks disagree on {env_name('backend_raw')} {disagreements['backend']}: "
-                   "every rank uses legacy")
+                   f"every rank uses {fallback.value}")
         reasons.append(message)
-        resolved = Backend.LEGACY
         if strict:
             errors.append(message)
     else:
-        mode = _MODES[next(iter(modes))]
-        if mode is BackendChoice.LEGACY:
-            resolved = Backend.LEGACY
-            reasons.append(f"{env_name('backend_raw')} is legacy (or unset)")
-        else:
-            unable = {r: _failed_checks(v.elastic_fail_mask) for r, v in enumerate(table) if v.elastic_fail_mask}
+        mode = choices[next(iter(modes))]
+        wanted = auto_candidates() if mode is BackendChoice.AUTO else [Backend(mode.value)]
+        if wanted == [fallback]:
+            reasons.append(f"{env_name('backend_raw')} is {fallback.value} (or unset)")
+        elif not wanted:
+            reasons.append(f"auto requested but no generation other than {fallback.value} is registered")
+        for candidate in wanted:
+            if candidate is fallback:
+                break
+            unable = _unable(table, candidate)
             if not unable:
-                resolved = Backend.ELASTIC
-                reasons.append(f"{mode.value} requested and elastic preflight passed on all {len(table)} ranks")
-            else:
-                resolved = Backend.LEGACY
-                message = (f"{mode.value} requested but elastic is unavailable on ranks {sorted(unable)} "
-                           f"(failed checks: {unable}): every rank uses legacy")
-                reasons.append(message)
-                if strict and mode is BackendChoice.ELASTIC:
-                    errors.append(message)
+                resolved = candidate
+                reasons.append(f"{mode.value} requested and {candidate.value} preflight passed on all "
+                               f"{len(table)} ranks")
+                break
+            last = candidate is wanted[-1]
+            message = (f"{mode.value} requested but {candidate.value} is unavailable on ranks {sorted(unable)} "
+                       f"(failed checks: {unable})" + (f": every rank uses {fallback.value}" if last else ""))
+            reasons.append(message)
+            if strict and mode is not BackendChoice.AUTO:
+                errors.append(message)
 
     runnable = True
-    if resolved is Backend.LEGACY:
-        no_legacy = {r: _failed_checks(v.legacy_fail_mask) for r, v in enumerate(table) if v.legacy_fail_mask}
-        if no_legacy:
-            runnable = False
-            reasons.append(f"legacy is not runnable either on ranks {sorted(no_legacy)} (failed checks: {no_legacy})")
+    unable_resolved = _unable(table, resolved)
+    if unable_resolved:
+        runnable = False
+        reasons.append(f"{resolved.value} is not runnable either on ranks {sorted(unable_resolved)} "
+                       f"(failed checks: {unable_resolved})")
 
     error = None
     if errors:
@@ -244,10 +296,10 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
     consensus = None
     if world > 1:
         consensus = ConsensusOutcome(
-            world_size=world, rank=rank, votes=[{f.name: getattr(v, f.name) for f in fields(Vote)} for v in table],
+            world_size=world, rank=rank, votes=[_vote_row(v) for v in table],
             agreed=not agreement.disagreements, disagreements=agreement.disagreements)
     decision = BackendDecision(
-        requested=Backend.LEGACY if loaded.settings.backend is BackendChoice.LEGACY else Backend.ELASTIC,
+        requested=_requested(loaded.settings.backend),
         requested_mode=loaded.settings.backend, resolved=agreement.resolved, runnable=agreement.runnable,
         reasons=([loaded.backend_problem] if loaded.backend_problem else []) + agreement.reasons,
         strict=agreement.strict, settings=loaded.settings.model_copy(update=agreement.knobs),
@@ -256,3 +308,16 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
     log = logger.info if rank == 0 or agreement.resolved is not decision.requested else logger.debug
     log("deepep-switch rank %d/%d: %s", rank, world, decision.describe())
     return decision
+
+
+def _requested(mode: BackendChoice) -> Backend:
+    if mode is BackendChoice.AUTO:
+        return next(iter(auto_candidates()), registry.FALLBACK)
+    return Backend(mode.value)
+
+
+def _vote_row(vote: Vote) -> dict[str, int]:
+    """A vote for the decision record: scalar fields plus one ``<name>_fail_mask`` per registered generation."""
+    row = {f.name: getattr(vote, f.name) for f in fields(Vote) if f.name != "fail_masks"}
+    row.update({f"{name}_fail_mask": vote.fail_masks[i] for i, name in enumerate(registry.names())})
+    return row

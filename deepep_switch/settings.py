@@ -5,9 +5,10 @@ its default, in ``docs/configuration.md``.
 
 Two promises hold for every value an operator can type:
 
-* ``RTP_LLM_DEEPEP_BACKEND`` never raises. Unset or empty means ``legacy``; ``legacy``, ``elastic`` and ``auto``
-  are accepted in any case and with surrounding whitespace; anything else means ``legacy`` plus exactly one
-  WARNING that names the bad value and the accepted ones.
+* ``RTP_LLM_DEEPEP_BACKEND`` never raises here. Unset or empty means ``legacy``; every registered generation's
+  name (``legacy``, ``elastic``, ...) and ``auto`` are accepted in any case and with surrounding whitespace;
+  anything else means ``legacy`` plus exactly one WARNING that names the bad value and the accepted ones (in
+  strict mode the decision then raises on every rank).
 * Any other knob with a malformed value (``RTP_LLM_DEEPEP_NUM_SMS=abc``) falls back to its default with one
   WARNING naming the variable, unless ``RTP_LLM_DEEPEP_STRICT`` is on, in which case the problem is carried into
   the backend decision and raised there on every rank at once (see :mod:`deepep_switch.decision`).
@@ -31,11 +32,27 @@ _ENV_PREFIX = "RTP_LLM_DEEPEP_"
 
 
 class BackendChoice(str, Enum):
-    """What an operator asked for in ``RTP_LLM_DEEPEP_BACKEND``."""
+    """What an operator asked for in ``RTP_LLM_DEEPEP_BACKEND``: a registered generation, or ``auto``.
+
+    A generation registered at run time is ``BackendChoice(name)`` (see :class:`deepep_switch.Backend`).
+    """
 
     LEGACY = "legacy"
     ELASTIC = "elastic"
     AUTO = "auto"
+
+    @classmethod
+    def _missing_(cls, value: Any) -> Optional["BackendChoice"]:
+        from .backend import registered_member
+
+        return registered_member(cls, value)
+
+
+def backend_choices() -> list[BackendChoice]:
+    """Every accepted request, in a stable order: the registered generations, then ``auto``."""
+    from .backends import names
+
+    return [BackendChoice(name) for name in names()] + [BackendChoice.AUTO]
 
 
 class ProviderChoice(str, Enum):
@@ -54,10 +71,11 @@ def parse_backend(raw: Optional[str]) -> tuple[BackendChoice, Optional[str]]:
     text = "" if raw is None else str(raw).strip().lower()
     if not text:
         return BackendChoice.LEGACY, None
-    for choice in BackendChoice:
+    choices = backend_choices()
+    for choice in choices:
         if text == choice.value:
             return choice, None
-    accepted = ", ".join(c.value for c in BackendChoice)
+    accepted = ", ".join(c.value for c in choices)
     return BackendChoice.LEGACY, (
         f"{BACKEND_ENV}={raw!r} is not one of {accepted}; using legacy (deep_ep.Buffer)"
     )
@@ -74,7 +92,8 @@ class SwitchSettings(BaseSettings):
     backend_raw: str = Field(
         default="",
         validation_alias=AliasChoices("backend_raw", BACKEND_ENV),
-        description="Raw RTP_LLM_DEEPEP_BACKEND: legacy (default), elastic or auto. Parsed by `backend`.",
+        description="Raw RTP_LLM_DEEPEP_BACKEND: legacy (default), elastic, another registered generation, or "
+                    "auto. Parsed by `backend`.",
     )
     strict: bool = Field(
         default=False,

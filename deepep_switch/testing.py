@@ -15,7 +15,7 @@ import torch
 from routers.payloads import CombineForwardPayload, ExpertForwardPayload
 
 from .config import DeepepWrapperConfig
-from .fp8 import dequantize_fp8, quantize_fp8
+from .quant.fp8 import dequantize_fp8, quantize_fp8
 
 
 def layer_config(rank: int, world: int, *, hidden: int, experts: int, topk: int, capacity: int,

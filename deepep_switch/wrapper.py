@@ -1,9 +1,10 @@
 """``DeepEPWrapper``: the process-wide owner of the one DeepEP buffer, with rtp-llm's singleton semantics.
 
 ``create(config)`` runs the whole chain once per process: settings -> preflight -> rank consensus -> sizing ->
-construction. If the ElasticBuffer constructor raises on any rank, every rank learns it through one more small
-all-gather and all of them build the legacy buffer instead (strict mode: all of them raise). Nothing is
-published as the instance until a buffer exists on this rank, so a failed ``create`` leaves nothing half-built.
+construction, asking the registry (:mod:`deepep_switch.backends`) for the resolved generation's class and plan.
+If that constructor raises on any rank, every rank learns it through one more small all-gather and all of them
+build the fallback (legacy) buffer instead (strict mode: all of them raise). Nothing is published as the instance
+until a buffer exists on this rank, so a failed ``create`` leaves nothing half-built.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import torch
 import torch.distributed as dist
 
 from .backend import Backend
+from .backends import FALLBACK, BackendSpec, BufferPlan, get_spec, registered
 from .config import DeepEPMode, DeepepWrapperConfig
 from .consensus import all_gather_ints
 from .decision import BackendDecision, BackendUnavailableError, resolve_backend
-from .providers import Provider, load_provider, provider_importable
-from .settings import LoadedSettings, get_settings
-from .sizing import BufferPlan, plan_elastic, plan_legacy
+from .settings import LoadedSettings, ProviderChoice, get_settings
 
 logger = logging.getLogger("deepep_switch.wrapper")
 
@@ -40,50 +40,54 @@ class DeepEPWrapper:
         self._config = config
         self._mode = config.mode
         decision = resolve_backend(group, settings=settings, internode=config.use_deepep_internode)
-        self._provider = load_provider(decision.settings.provider) if decision.runnable else None
-        if self._provider is None:
+        if not decision.runnable:
             raise RuntimeError(f"DeepEP cannot run here: {decision.describe()}")
+        self._provider: ProviderChoice = decision.settings.provider
         self._buffer, self._plan, self._decision = self._build(decision)
+        self._spec = get_spec(self._decision.resolved)
         logger.info("deepep-switch rank %d/%d: built %s buffer (%s mode) %s", config.ep_rank, config.ep_size,
                     self._decision.resolved.value, self._mode.name, self._plan.bytes)
 
     # ------------------------------------------------------------------ construction
     def _build(self, decision: BackendDecision) -> tuple[Any, BufferPlan, BackendDecision]:
-        assert self._provider is not None
-        if decision.resolved is Backend.ELASTIC:
-            buffer, plan, error = self._try_elastic(decision)
+        if decision.resolved is not FALLBACK:
+            buffer, plan, error = self._try_build(get_spec(decision.resolved), decision)
             rows = all_gather_ints([int(error is None)], self._group, decision.settings.consensus_timeout_s,
-                                   what="ElasticBuffer construction")
+                                   what=f"{decision.resolved.value} buffer construction")
             failed = [rank for rank, row in enumerate(rows) if not row[0]]
             if not failed:
+                assert plan is not None
                 return buffer, plan, decision.model_copy(update={"buffer_bytes": plan.bytes})
             if buffer is not None:
                 self._abandon(buffer)
-            reason = f"ElasticBuffer construction failed on ranks {failed}"
+            reason = f"{decision.resolved.value} buffer construction failed on ranks {failed}"
             if error is not None:
                 reason += f" (here: {type(error).__name__}: {error})"
             logger.error("deepep-switch: %s; %s", reason,
-                         "strict mode: raising" if decision.strict else "every rank falls back to legacy")
+                         "strict mode: raising" if decision.strict else f"every rank falls back to {FALLBACK.value}")
             if decision.strict:
                 raise BackendUnavailableError(reason) from error
             decision = decision.model_copy(update={
-                "resolved": Backend.LEGACY, "fallback": reason, "reasons": [*decision.reasons, reason]})
-        plan = plan_legacy(self._provider, self._config, decision.settings)
-        buffer = self._provider.Buffer(self._group, **plan.kwargs)
+                "resolved": FALLBACK, "fallback": reason, "reasons": [*decision.reasons, reason]})
+        spec = get_spec(FALLBACK)
+        cls = spec.buffer_class(self._provider)
+        plan = spec.plan(cls, self._group, self._config, decision.settings)
+        buffer = cls(self._group, **plan.kwargs)
         return buffer, plan, decision.model_copy(update={"buffer_bytes": plan.bytes})
 
-    def _try_elastic(self, decision: BackendDecision) -> tuple[Any, Optional[BufferPlan], Optional[BaseException]]:
-        assert self._provider is not None
+    def _try_build(self, spec: BackendSpec, decision: BackendDecision
+                   ) -> tuple[Any, Optional[BufferPlan], Optional[BaseException]]:
         try:
-            plan = plan_elastic(self._provider, self._group, self._config, decision.settings)
-            return self._provider.ElasticBuffer(self._group, **plan.kwargs), plan, None
+            cls = spec.buffer_class(self._provider)
+            plan = spec.plan(cls, self._group, self._config, decision.settings)
+            return cls(self._group, **plan.kwargs), plan, None
         except Exception as exc:  # any constructor failure is agreed on, then handled on every rank alike
             return None, None, exc
 
     @staticmethod
     def _abandon(buffer: Any) -> None:
         # Another rank has no buffer, so a collective destroy() would hang: drop it without one.
-        logger.warning("deepep-switch: dropping this rank's ElasticBuffer without a collective destroy "
+        logger.warning("deepep-switch: dropping this rank's buffer without a collective destroy "
                        "(its peers never built theirs); its memory is released with the process")
         del buffer
 
@@ -103,8 +107,15 @@ class DeepEPWrapper:
     # ------------------------------------------------------------------ rtp-llm singleton API
     @classmethod
     def supported(cls) -> bool:
-        """Whether the configured provider can be imported (real deep_ep, or the reference providers)."""
-        return provider_importable(get_settings().settings.provider)
+        """Whether the configured provider offers any registered generation's buffer class."""
+        provider = get_settings().settings.provider
+        for spec in registered():
+            try:
+                spec.buffer_class(provider)
+            except ImportError:
+                continue
+            return True
+        return False
 
     @classmethod
     def is_initialized(cls) -> bool:
@@ -169,9 +180,14 @@ class DeepEPWrapper:
         return self._decision
 
     @property
-    def provider(self) -> Provider:
-        assert self._provider is not None
+    def provider(self) -> ProviderChoice:
+        """Where the buffer class came from: real DeepEP or the reference providers."""
         return self._provider
+
+    @property
+    def spec(self) -> BackendSpec:
+        """The running generation's declaration (its paths, plan, library)."""
+        return self._spec
 
     @property
     def group(self) -> dist.ProcessGroup:

@@ -1,27 +1,30 @@
 """The shared shape of both routers: rtp-llm's ``prepare``/``finalize`` signatures around a bound backend path.
 
-A router is built once per MoE layer from the wrapper's decision. The backend path (one class per backend per
-router) is chosen in ``__init__``; ``prepare`` and ``finalize`` only validate shapes (no host sync), slice by TP,
-call the bound path and build the payload. The dispatch handle lives on the router between the two calls: it must
+A router is built once per MoE layer from the wrapper's decision. The backend path (one class per generation per
+router mode, declared in that generation's module and found through the registry) is bound in ``__init__``;
+``prepare`` and ``finalize`` only validate shapes (no host sync), slice by TP, call the bound path and build the
+payload. The dispatch handle lives on the router between the two calls: it must
 be empty when ``prepare`` starts and is cleared by ``finalize`` (even if the combine raises).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Generic, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from deepep_switch.backend import Backend
+from deepep_switch.backends import BackendSpec, PathContext
 from deepep_switch.config import DeepEPMode
+from deepep_switch.quant import Quant, quantizer_for
 from deepep_switch.settings import ProviderChoice
 from deepep_switch.wrapper import DeepEPWrapper
 
-from .kernels.fp8_quant import quantizer_for
 from .payloads import CombineForwardPayload, ExpertForwardPayload, FinalizeArgs
 from .tp import TensorParallelSlicer
 
@@ -43,39 +46,56 @@ def ignore_fork_kwargs(kwargs: dict[str, Any]) -> None:
         logger.debug("ignoring ACCL-EP-only arguments %s: upstream DeepEP has no such options", sorted(kwargs))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RouterOptions:
     """How a router dispatches, fixed at construction.
 
     Attributes:
-        use_fp8: dispatch FP8 e4m3 with float32 scales per token per 128 channels (DeepEP's recipe).
-        round_scale: round FP8 scales up to powers of two (for UE8M0-consuming GEMMs).
+        quant: the dispatch quantisation (:class:`deepep_switch.quant.Quant`): bf16, or FP8 e4m3 with float32
+            scales per token per 128 channels (DeepEP's recipe), optionally rounded to powers of two.
         expert_alignment: normal router: pad each local expert's count to a multiple of this.
         global_expert_ids: normal router: give the executor global expert ids, with -1 mapped to a zero-weight
             dummy expert (rtp-llm's bf16/W4A8 executors want this); default: local ids with -1.
         tp_rank / tp_size / tp_group: attention tensor parallelism (slice before dispatch, gather after combine).
+
+    ``use_fp8=`` / ``round_scale=`` (deepep-switch 0.1) are still accepted and mapped to ``quant`` with a
+    DeprecationWarning; ``options.use_fp8`` / ``options.round_scale`` read ``quant``.
     """
 
-    use_fp8: bool = False
-    round_scale: bool = False
-    expert_alignment: int = 1
-    global_expert_ids: bool = False
-    tp_rank: int = 0
-    tp_size: int = 1
-    tp_group: Optional[dist.ProcessGroup] = None
+    quant: Quant
+    expert_alignment: int
+    global_expert_ids: bool
+    tp_rank: int
+    tp_size: int
+    tp_group: Optional[dist.ProcessGroup]
+
+    def __init__(self, quant: Quant = Quant.NONE, expert_alignment: int = 1, global_expert_ids: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1, tp_group: Optional[dist.ProcessGroup] = None, *,
+                 use_fp8: Optional[bool] = None, round_scale: Optional[bool] = None) -> None:
+        if use_fp8 is not None or round_scale is not None:
+            warnings.warn("RouterOptions(use_fp8=, round_scale=) is deprecated: pass quant=Quant.FP8_BLOCK "
+                          "(or Quant.FP8_BLOCK_POW2)", DeprecationWarning, stacklevel=2)
+            if quant is not Quant.NONE:
+                raise ValueError("pass either quant= or use_fp8=/round_scale=, not both")
+            quant = Quant.from_flags(bool(use_fp8), bool(round_scale))
+        for name, value in (("quant", Quant(quant)), ("expert_alignment", expert_alignment),
+                            ("global_expert_ids", global_expert_ids), ("tp_rank", tp_rank), ("tp_size", tp_size),
+                            ("tp_group", tp_group)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def use_fp8(self) -> bool:
+        return self.quant.is_fp8
+
+    @property
+    def round_scale(self) -> bool:
+        return self.quant.round_scale
 
 
-def check_elastic_hidden(hidden: int) -> None:
-    """Real ElasticBuffer's combine kernel static-asserts hidden % 256; say so when the router is built."""
-    if hidden % 256:
-        raise ValueError(f"ElasticBuffer combine needs hidden % 256 == 0 (a JIT static assert), got {hidden}")
+PathT = TypeVar("PathT")
 
 
-def identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-class RouterBase(ABC):
+class RouterBase(ABC, Generic[PathT]):
     """prepare/finalize around one bound backend path. Subclasses: NormalRouter, LowLatencyRouter."""
 
     mode: DeepEPMode
@@ -96,19 +116,25 @@ class RouterBase(ABC):
         self.num_local_experts = cfg.expert_num // cfg.ep_size
         self.capacity = wrapper.capacity
         self._tp = TensorParallelSlicer(options.tp_rank, options.tp_size, options.tp_group)
-        real_deep_ep = wrapper.provider.choice is ProviderChoice.DEEP_EP
+        real_deep_ep = wrapper.provider is ProviderChoice.DEEP_EP
         # Real DeepEP runs on the current CUDA device; the reference providers may run anywhere (torch kernels).
         self.device = torch.device("cuda", torch.cuda.current_device()) if real_deep_ep else torch.device("cpu")
-        # Which FP8 quantiser runs ("triton"/"torch"), or None without FP8 (nothing is compiled then).
-        self.quantizer, self._quantize = (quantizer_for(self.device, options.round_scale) if options.use_fp8
-                                          else (None, identity))
+        # Which quantiser kernel runs ("triton"/"torch"), or None without quantisation (nothing is compiled then).
+        self.quantizer, self._quantize = quantizer_for(options.quant, self.device)
         self._handle: Any = None
-        self._path = self._bind(wrapper.backend, real_deep_ep)
+        ctx = PathContext(
+            buffer=wrapper.buffer, real_deep_ep=real_deep_ep, num_experts=self.num_experts,
+            num_local_experts=self.num_local_experts, num_ranks=self.ep_size, num_topk=self.num_topk,
+            hidden=self.hidden_size, capacity=self.capacity, expert_alignment=options.expert_alignment,
+            quant=options.quant, quantize=self._quantize, num_sms=wrapper.decision.settings.num_sms,
+            device=self.device)
+        self._path: PathT = self._path_class(wrapper.spec).build(ctx)
         logger.debug("%s bound to %s path %s", type(self).__name__, wrapper.backend.value, type(self._path).__name__)
 
+    @staticmethod
     @abstractmethod
-    def _bind(self, backend: Backend, real_deep_ep: bool) -> Any:
-        """Return the path object for ``backend`` (checking the library's limits when ``real_deep_ep``)."""
+    def _path_class(spec: BackendSpec) -> Any:
+        """This router mode's path class in ``spec``."""
 
     @abstractmethod
     def _prepare(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[ExpertForwardPayload, Any]:
@@ -121,6 +147,12 @@ class RouterBase(ABC):
     @property
     def backend(self) -> Backend:
         return self.wrapper.backend
+
+    @property
+    def path(self) -> PathT:
+        """The bound backend path (its ``capabilities`` say whether it syncs the host, can be graph-captured and
+        who applies the top-k weights)."""
+        return self._path
 
     @property
     def handle(self) -> Any:

@@ -1,9 +1,9 @@
-"""rtp-llm ``FusedMoeDataRouter`` subclasses over deepep-switch's routers. Defined only when ``rtp_llm`` imports.
+"""rtp-llm ``FusedMoeDataRouter`` subclasses over deepep-switch's routers (rtp-llm itself behind a guarded import).
 
-Importing this module never fails because rtp-llm is missing: it then sets ``RTP_LLM_AVAILABLE = False``,
-``ROUTERS = ()`` and defines nothing else. When rtp-llm imports, it defines three routers. Each one subclasses
-rtp-llm's ``FusedMoeDataRouter`` and passes the work to a :class:`~routers.NormalRouter` or
-:class:`~routers.LowLatencyRouter`:
+Importing this module never fails because rtp-llm is missing: it then sets ``RTP_LLM_AVAILABLE = False`` and
+``ROUTERS = ()`` and removes the three classes below (so ``from routers.rtp_llm import X`` raises ImportError, which
+makes rtp-llm's ``MoeStrategy.can_handle`` skip the strategy). When rtp-llm imports, each one subclasses rtp-llm's ``FusedMoeDataRouter`` and passes the work to a
+:class:`~routers.NormalRouter` or :class:`~routers.LowLatencyRouter`:
 
 ========================================  ======================  ==============================================
 class                                     ``router_type()``       replaces rtp-llm's
@@ -35,8 +35,7 @@ How an engine uses them:
                                  executor_class=TritonFusedMoeExecutor,
                                  quant_config=FusedMoEQuantConfig(quant_dtype=None))
 
-   rtp-llm's ``MoeStrategy.can_handle`` skips a strategy whose ``get_attributes`` raises ImportError. So
-   ``from routers.rtp_llm import X`` disables the strategy cleanly when this module defines no ``X``.
+   rtp-llm's ``MoeStrategy.can_handle`` skips a strategy whose ``get_attributes`` raises ImportError.
 
 rtp-llm builds each router as ``router_cls(config, quant_config)``. ``prepare`` returns rtp-llm's own
 ``ExpertForwardPayload`` and ``ExpertTokensMetadata``, copied field by field from ours.
@@ -47,13 +46,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from types import SimpleNamespace
 from typing import Any, ClassVar, Optional
 
 import torch
 import torch.distributed as dist
 
 from deepep_switch.config import DeepepWrapperConfig
+from deepep_switch.quant import quant_for_fused_moe
 from deepep_switch.wrapper import DeepEPWrapper
 
 from .base import RouterBase, RouterOptions
@@ -62,20 +61,23 @@ from .normal import NormalRouter
 
 logger = logging.getLogger("routers.rtp_llm")
 
-__all__ = ["RTP_LLM_AVAILABLE", "ROUTERS", "init_deepep_wrapper", "wrapper_config_for"]
-
-
-def _import_rtp_llm() -> SimpleNamespace:
-    """Return the rtp-llm names the adapters need. Raises ImportError if rtp-llm is not installed."""
+try:
     from rtp_llm.models_py.modules.factory.fused_moe.defs.fused_moe import (
-        ExpertForwardPayload, ExpertTokensMetadata, FusedMoeDataRouter)
+        ExpertForwardPayload as RtpExpertForwardPayload, ExpertTokensMetadata as RtpExpertTokensMetadata,
+        FusedMoeDataRouter)
     from rtp_llm.models_py.modules.factory.fused_moe.defs.type import RouterType
     from rtp_llm.models_py.modules.factory.fused_moe.utils.config_resolver import MoeConfigResolver
     from rtp_llm.models_py.utils.arch import get_sm
+except ImportError as _exc:
+    RTP_LLM_AVAILABLE = False
+    logger.debug("rtp_llm is not importable (%s); the rtp-llm routers are inert", _exc)
 
-    return SimpleNamespace(FusedMoeDataRouter=FusedMoeDataRouter, RouterType=RouterType,
-                           MoeConfigResolver=MoeConfigResolver, get_sm=get_sm,
-                           ExpertForwardPayload=ExpertForwardPayload, ExpertTokensMetadata=ExpertTokensMetadata)
+    class FusedMoeDataRouter:  # type: ignore[no-redef]
+        """Lets the class statements below run without rtp-llm; the classes are removed again at the end."""
+else:
+    RTP_LLM_AVAILABLE = True
+
+__all__ = ["RTP_LLM_AVAILABLE", "ROUTERS", "init_deepep_wrapper", "wrapper_config_for"]
 
 
 def _tp_group(tp_size: int) -> Optional[dist.ProcessGroup]:
@@ -117,118 +119,103 @@ def init_deepep_wrapper(adapter: Any) -> DeepEPWrapper:
     return DeepEPWrapper.create(wrapper_config_for(adapter, bool(adapter.moe_config.use_deepep_low_latency)))
 
 
-def _define_routers(rtp: Any) -> dict[str, type]:
-    """Define the adapter classes on top of ``rtp`` and return them by name.
+class _SwitchDeepEPRouter(FusedMoeDataRouter):
+    """Shared adapter code. Subclasses set the class attributes below and add checks of their own."""
 
-    ``rtp`` is the namespace that ``_import_rtp_llm`` returns. Tests pass a stand-in.
-    """
+    router_class: ClassVar[type[RouterBase]] = NormalRouter
+    low_latency: ClassVar[bool] = False
+    expert_alignment: ClassVar[int] = 1
+    global_expert_ids: ClassVar[bool] = False
 
-    class _SwitchDeepEPRouter(rtp.FusedMoeDataRouter):
-        """Shared adapter code. Subclasses set the class attributes below and add checks of their own."""
+    def __init__(self, config: Any, quant_config: Any) -> None:
+        super().__init__(config, quant_config)
+        quant = quant_for_fused_moe(quant_config, _deep_gemm_e8m0_used(), who=type(self).__name__)
+        options = RouterOptions(
+            quant=quant, expert_alignment=self.expert_alignment, global_expert_ids=self.global_expert_ids,
+            tp_rank=config.tp_rank, tp_size=config.tp_size, tp_group=_tp_group(config.tp_size))
+        self.wrapper = DeepEPWrapper.get_instance(self.wrapper_config(config))
+        self.switch_router: RouterBase = self.router_class(self.wrapper, options)
 
-        router_class: ClassVar[type[RouterBase]] = NormalRouter
-        low_latency: ClassVar[bool] = False
-        expert_alignment: ClassVar[int] = 1
-        global_expert_ids: ClassVar[bool] = False
+    @classmethod
+    def wrapper_config(cls, config: Any) -> DeepepWrapperConfig:
+        """The config rtp-llm's own router passes to ``DeepEPWrapper.get_instance``."""
+        return wrapper_config_for(config, cls.low_latency)
 
-        def __init__(self, config: Any, quant_config: Any) -> None:
-            super().__init__(config, quant_config)
-            use_fp8 = bool(quant_config.is_quantized and quant_config.quant_dtype == torch.float8_e4m3fn)
-            if use_fp8 and not quant_config.is_block_quantized:
-                raise ValueError(f"{type(self).__name__}: deepep-switch sends FP8 with block scales (one per 128 "
-                                 f"channels) only; per-token FP8 dispatch needs ACCL-EP. Got {quant_config}")
-            options = RouterOptions(
-                use_fp8=use_fp8, round_scale=use_fp8 and _deep_gemm_e8m0_used(),
-                expert_alignment=self.expert_alignment, global_expert_ids=self.global_expert_ids,
-                tp_rank=config.tp_rank, tp_size=config.tp_size, tp_group=_tp_group(config.tp_size))
-            self.wrapper = DeepEPWrapper.get_instance(self.wrapper_config(config))
-            self.switch_router: RouterBase = self.router_class(self.wrapper, options)
+    @classmethod
+    def router_type(cls) -> Any:
+        return RouterType.DEEPEP_LOW_LATENCY if cls.low_latency else RouterType.DEEPEP_NORMAL
 
-        @classmethod
-        def wrapper_config(cls, config: Any) -> DeepepWrapperConfig:
-            """The config rtp-llm's own router passes to ``DeepEPWrapper.get_instance``."""
-            return wrapper_config_for(config, cls.low_latency)
+    @classmethod
+    def check_conditions(cls, checker: Any, config: Any) -> None:
+        resolver = MoeConfigResolver()
+        sm = get_sm()
+        checker.check(sm[0] >= 9, sm=sm)
+        checker.check(resolver.is_ep_enabled(config), ep_size=config.ep_size)
+        checker.check(resolver.use_low_latency(config) == cls.low_latency, router=cls.__name__)
+        checker.check(DeepEPWrapper.supported(), backend="deepep-switch")
 
-        @classmethod
-        def router_type(cls) -> Any:
-            return rtp.RouterType.DEEPEP_LOW_LATENCY if cls.low_latency else rtp.RouterType.DEEPEP_NORMAL
+    @property
+    def handle(self) -> Any:
+        """The open dispatch handle between ``prepare`` and ``finalize`` (the backend's own type), else None."""
+        return self.switch_router.handle
 
-        @classmethod
-        def check_conditions(cls, checker: Any, config: Any) -> None:
-            resolver = rtp.MoeConfigResolver()
-            sm = rtp.get_sm()
-            checker.check(sm[0] >= 9, sm=sm)
-            checker.check(resolver.is_ep_enabled(config), ep_size=config.ep_size)
-            checker.check(resolver.use_low_latency(config) == cls.low_latency, router=cls.__name__)
-            checker.check(DeepEPWrapper.supported(), backend="deepep-switch")
+    def prepare(self, a1: torch.Tensor, a1_scale: Optional[torch.Tensor], a2_scale: Optional[torch.Tensor],
+                topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Any:
+        """Call ``RouterBase.prepare`` and return the payload as rtp-llm's ``ExpertForwardPayload``."""
+        payload = self.switch_router.prepare(a1, a1_scale, a2_scale, topk_weights, topk_ids)
+        fields = {f.name: getattr(payload, f.name) for f in dataclasses.fields(payload)}
+        meta = payload.expert_tokens_meta
+        if meta is not None:
+            fields["expert_tokens_meta"] = RtpExpertTokensMetadata(
+                **{f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)})
+        return RtpExpertForwardPayload(**fields)
 
-        @property
-        def handle(self) -> Any:
-            """The open dispatch handle between ``prepare`` and ``finalize`` (the backend's own type), else None."""
-            return self.switch_router.handle
-
-        def prepare(self, a1: torch.Tensor, a1_scale: Optional[torch.Tensor], a2_scale: Optional[torch.Tensor],
-                    topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Any:
-            """Call ``RouterBase.prepare`` and return the payload as rtp-llm's ``ExpertForwardPayload``."""
-            payload = self.switch_router.prepare(a1, a1_scale, a2_scale, topk_weights, topk_ids)
-            fields = {f.name: getattr(payload, f.name) for f in dataclasses.fields(payload)}
-            meta = payload.expert_tokens_meta
-            if meta is not None:
-                fields["expert_tokens_meta"] = rtp.ExpertTokensMetadata(
-                    **{f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)})
-            return rtp.ExpertForwardPayload(**fields)
-
-        def finalize(self, payload: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                     apply_router_weight_on_input: bool, extra_finalize_args: Optional[dict[str, Any]] = None,
-                     skip_allreduce: bool = False, **kwargs: Any) -> torch.Tensor:
-            """Call ``RouterBase.finalize`` (bf16 ``[original_num_tokens, H]``), passing every argument on."""
-            return self.switch_router.finalize(payload, topk_weights, topk_ids, apply_router_weight_on_input,
-                                               extra_finalize_args, skip_allreduce=skip_allreduce, **kwargs)
-
-    class SwitchDeepepNormalRouterNoQuant(_SwitchDeepEPRouter):
-        """Normal (prefill) router for bf16. The executor gets global ids, with a zero-weight dummy expert for -1."""
-
-        global_expert_ids = True
-
-        @classmethod
-        def check_conditions(cls, checker: Any, config: Any) -> None:
-            super().check_conditions(checker, config)
-            quant_method = rtp.MoeConfigResolver().get_quant_method(config)
-            checker.check(quant_method is None, quant_method=quant_method)
-
-    class SwitchDeepepNormalRouterFp8PerBlock(_SwitchDeepEPRouter):
-        """Normal (prefill) router for FP8 per-block. It pads each expert's rows to 128 and keeps local ids."""
-
-        expert_alignment = 128
-
-        @classmethod
-        def check_conditions(cls, checker: Any, config: Any) -> None:
-            super().check_conditions(checker, config)
-            quant_method = rtp.MoeConfigResolver().get_quant_method(config)
-            checker.check(quant_method == "FP8_PER_BLOCK", quant_method=quant_method)
-
-    class SwitchDeepEpLowLatencyRouter(_SwitchDeepEPRouter):
-        """Low-latency (decode, CUDA-graph) router. It dispatches FP8 when ``quant_config`` is FP8 block, else bf16."""
-
-        router_class = LowLatencyRouter
-        low_latency = True
-
-    defined: dict[str, type] = {}
-    for cls in (SwitchDeepepNormalRouterNoQuant, SwitchDeepepNormalRouterFp8PerBlock, SwitchDeepEpLowLatencyRouter):
-        cls.__module__, cls.__qualname__ = __name__, cls.__name__
-        defined[cls.__name__] = cls
-    return defined
+    def finalize(self, payload: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 apply_router_weight_on_input: bool, extra_finalize_args: Optional[dict[str, Any]] = None,
+                 skip_allreduce: bool = False, **kwargs: Any) -> torch.Tensor:
+        """Call ``RouterBase.finalize`` (bf16 ``[original_num_tokens, H]``), passing every argument on."""
+        return self.switch_router.finalize(payload, topk_weights, topk_ids, apply_router_weight_on_input,
+                                           extra_finalize_args, skip_allreduce=skip_allreduce, **kwargs)
 
 
-ROUTERS: tuple[type, ...] = ()
-try:
-    _RTP = _import_rtp_llm()
-except ImportError as _exc:
-    RTP_LLM_AVAILABLE = False
-    logger.debug("rtp_llm is not importable (%s); no rtp-llm routers defined", _exc)
+class SwitchDeepepNormalRouterNoQuant(_SwitchDeepEPRouter):
+    """Normal (prefill) router for bf16. The executor gets global ids, with a zero-weight dummy expert for -1."""
+
+    global_expert_ids = True
+
+    @classmethod
+    def check_conditions(cls, checker: Any, config: Any) -> None:
+        super().check_conditions(checker, config)
+        quant_method = MoeConfigResolver().get_quant_method(config)
+        checker.check(quant_method is None, quant_method=quant_method)
+
+
+class SwitchDeepepNormalRouterFp8PerBlock(_SwitchDeepEPRouter):
+    """Normal (prefill) router for FP8 per-block. It pads each expert's rows to 128 and keeps local ids."""
+
+    expert_alignment = 128
+
+    @classmethod
+    def check_conditions(cls, checker: Any, config: Any) -> None:
+        super().check_conditions(checker, config)
+        quant_method = MoeConfigResolver().get_quant_method(config)
+        checker.check(quant_method == "FP8_PER_BLOCK", quant_method=quant_method)
+
+
+class SwitchDeepEpLowLatencyRouter(_SwitchDeepEPRouter):
+    """Low-latency (decode, CUDA-graph) router. It dispatches FP8 when ``quant_config`` is FP8 block, else bf16."""
+
+    router_class = LowLatencyRouter
+    low_latency = True
+
+
+ROUTERS: tuple[type, ...] = (SwitchDeepepNormalRouterNoQuant, SwitchDeepepNormalRouterFp8PerBlock,
+                             SwitchDeepEpLowLatencyRouter)
+if RTP_LLM_AVAILABLE:
+    __all__ += [cls.__name__ for cls in ROUTERS]
 else:
-    RTP_LLM_AVAILABLE = True
-    _DEFINED = _define_routers(_RTP)
-    globals().update(_DEFINED)
-    ROUTERS = tuple(_DEFINED.values())
-    __all__ += list(_DEFINED)
+    # rtp-llm's MoeStrategy.can_handle skips a strategy whose ``from routers.rtp_llm import X`` raises
+    # ImportError: with rtp-llm's modules unimportable (a partial install) the classes must not exist.
+    ROUTERS = ()
+    del _SwitchDeepEPRouter, SwitchDeepepNormalRouterNoQuant, SwitchDeepepNormalRouterFp8PerBlock
+    del SwitchDeepEpLowLatencyRouter

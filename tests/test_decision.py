@@ -9,23 +9,26 @@ import pytest
 
 from _helpers import settings_from_env
 from deepep_switch.backend import Backend
+from deepep_switch.backends import registry
 from deepep_switch.decision import AGREED_KNOBS, BackendUnavailableError, Vote, agree, resolve_backend
 from deepep_switch.launch import spawn
 from deepep_switch.preflight import CHECK_NAMES, Check, PreflightReport
-from deepep_switch.settings import BackendChoice, ProviderChoice
+from deepep_switch.settings import BackendChoice, ProviderChoice, backend_choices
 
-MODES = list(BackendChoice)
+MODES = backend_choices()
 GIN_BIT = 1 << CHECK_NAMES.index("gin")
 
 
 def vote(mode: str = "legacy", strict: bool = False, elastic_fail: int = 0, legacy_fail: int = 0,
-         provider: str = "reference", problems: int = 0, **knobs: int) -> Vote:
+         provider: str = "reference", problems: int = 0, unknown: bool = False, **knobs: int) -> Vote:
     values = {k: 0 for k in AGREED_KNOBS}
     values.update(elastic_allow_hybrid=1, elastic_prefer_overlap=1, elastic_allow_multiple_reduction=1)
     values.update(knobs)
+    masks = [0] * registry.MAX_BACKENDS
+    masks[registry.names().index("legacy")], masks[registry.names().index("elastic")] = legacy_fail, elastic_fail
     return Vote(provider=list(ProviderChoice).index(ProviderChoice(provider)), mode=MODES.index(BackendChoice(mode)),
-                strict=int(strict), elastic_fail_mask=elastic_fail, legacy_fail_mask=legacy_fail,
-                knob_problems=problems, **values)
+                strict=int(strict), unknown_backend=int(unknown), knob_problems=problems, registry=registry.digest(),
+                fail_masks=tuple(masks), **values)
 
 
 def test_unanimous_elastic_resolves_elastic():

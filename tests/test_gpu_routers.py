@@ -15,6 +15,7 @@ import torch
 
 from _helpers import record_gpu_results, settings_from_env as _settings
 from deepep_switch.launch import spawn
+from deepep_switch.quant import Quant
 from deepep_switch.testing import layer_config
 
 pytestmark = pytest.mark.gpu
@@ -116,7 +117,7 @@ def _router_worker(rank: int, world: int, cases: list[Case]) -> dict[str, Any]:
         index = rank // case.tp
         x, ids, w = problem.local(index, device)
         ref = dense_reference(problem, experts, fp8=case.fp8)[problem.rank_slice(index)]
-        options = RouterOptions(use_fp8=case.fp8, tp_rank=rank % case.tp, tp_size=case.tp,
+        options = RouterOptions(quant=Quant.FP8_BLOCK if case.fp8 else Quant.NONE, tp_rank=rank % case.tp, tp_size=case.tp,
                                 tp_group=groups[case.tp][index] if case.tp > 1 else None)
         prepared[case.name] = (x, ids, w, ref, options)
 

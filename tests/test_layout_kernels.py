@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from routers.kernels.masked_layout import TORCH_OPS, layout_ops_for, pack_rows_torch, unpack_rows_torch
+from deepep_switch.kernels.layout import TORCH_OPS, layout_ops_for, pack_rows_torch, unpack_rows_torch
 
 
 def random_layout(seed: int, experts: int, capacity: int, alignment: int = 1, slack: int = 5):
@@ -63,7 +63,7 @@ def test_cpu_tensors_use_the_torch_ops():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_triton_kernels_match_torch_on_gpu(dtype):
-    from routers.kernels.triton_masked_layout import pack_rows_triton, unpack_rows_triton
+    from deepep_switch.kernels.triton_layout import pack_rows_triton, unpack_rows_triton
 
     device = torch.device("cuda", 0)
     end, counts, num_rows = random_layout(11, 16, 256, 1)
@@ -92,8 +92,8 @@ def test_triton_kernels_match_torch_on_gpu(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("round_scale", [False, True])
 def test_triton_fp8_quantiser_matches_the_reference(round_scale):
-    from deepep_switch.fp8 import dequantize_fp8, quantize_fp8
-    from routers.kernels.triton_fp8_quant import quantize_fp8_triton
+    from deepep_switch.quant.fp8 import dequantize_fp8, quantize_fp8
+    from deepep_switch.quant.triton_fp8 import quantize_fp8_triton
 
     x = (torch.randn(333, 7168, device="cuda") * torch.rand(333, 1, device="cuda") * 10).to(torch.bfloat16)
     x[7] = 0  # an all-zero token uses the 1e-4 floor

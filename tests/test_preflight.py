@@ -20,20 +20,22 @@ class FakeProbe:
 
     module: Optional[types.ModuleType] = field(default_factory=lambda: _deep_ep_module(elastic=True))
     import_error: Optional[BaseException] = None
-    distribution: Optional[tuple[str, str]] = ("sgl-deep-ep", "0.1.2.post1")
+    dist_info: Optional[tuple[str, str]] = ("sgl-deep-ep", "0.1.2.post1")
     nccl: Optional[tuple[int, int, int]] = (2, 30, 7)
     gpus: int = 2
     capability: Optional[tuple[int, int]] = (9, 0)
     nics: list[str] = field(default_factory=list)
     nvlink: Optional[bool] = True
 
-    def import_deep_ep(self):
+    def import_module(self, name):
+        if name != "deep_ep":
+            raise ImportError(f"No module named {name!r}")
         if self.import_error is not None:
             raise self.import_error
         return self.module
 
-    def deep_ep_distribution(self):
-        return self.distribution
+    def distribution(self, module):
+        return self.dist_info if module == "deep_ep" else None
 
     def nccl_runtime_version(self):
         return self.nccl, "/fake/libnccl.so.2"
@@ -116,7 +118,7 @@ def test_pypi_build_needs_exactly_nccl_2_30_7(runtime, ok):
 ])
 def test_nccl_rules_for_other_builds(runtime, build, ok):
     settings = _settings(ep_disable_gin=True, nccl_build_version=".".join(map(str, build)) if build else "")
-    probe = FakeProbe(nccl=runtime, distribution=("deep-ep", "2.1.0+src"))
+    probe = FakeProbe(nccl=runtime, dist_info=("deep-ep", "2.1.0+src"))
     assert run_preflight(settings, probe).can_run(Backend.ELASTIC) is ok
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from deepep_switch import DeepEPWrapper, DeepepWrapperConfig
 from _helpers import settings_from_env
 from deepep_switch.launch import spawn
+from deepep_switch.quant import Quant
 from deepep_switch.testing import (ToyExperts, canonical_row_order, dense_reference, layer_config, make_problem,
                                    relative_error, run_moe_layer)
 from routers import CombineForwardPayload, LowLatencyRouter, NormalRouter, RouterOptions
@@ -41,7 +42,7 @@ def _settings(backend: str, **extra: str):
 def _wrapper_config(rank: int, world: int, case: Case, low_latency: bool) -> DeepepWrapperConfig:
     return layer_config(rank, world, hidden=case.hidden, experts=case.experts, topk=case.topk,
                         capacity=max(max(case.tokens), 1), low_latency=low_latency, tp_size=case.tp,
-                        use_fp8_dispatch=case.fp8)
+                        quant=Quant.FP8_BLOCK if case.fp8 else Quant.NONE)
 
 
 def _tp_groups(world: int, tp: int) -> list[Any]:
@@ -66,7 +67,7 @@ def _layer_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
         reference = dense_reference(problem, experts, fp8=case.fp8)[problem.rank_slice(group_index)]
         x, ids, w = problem.local(group_index)
         ids = ids.to(torch.int32) if case.seed % 2 else ids  # rtp-llm's Triton executor uses int32 ids
-        options = RouterOptions(use_fp8=case.fp8, expert_alignment=case.alignment, global_expert_ids=case.global_ids,
+        options = RouterOptions(quant=Quant.FP8_BLOCK if case.fp8 else Quant.NONE, expert_alignment=case.alignment, global_expert_ids=case.global_ids,
                                 tp_rank=tp_rank, tp_size=case.tp,
                                 tp_group=groups[case.tp][group_index] if case.tp > 1 else None)
         row: dict = {"case": case, "tokens": x.shape[0]}
@@ -231,16 +232,16 @@ def _errors_worker(rank: int, world: int) -> dict:
         capture(f"{backend}.skip_allreduce", lambda: router.finalize(
             CombineForwardPayload(payload.expert_x), w, ids, False, {}, skip_allreduce=True))
         out[f"{backend}.handle_kept_after_argument_error"] = router.handle is not None
-        real_combine = router._path.combine
+        real_combine = router.path.combine
 
         def broken_combine(*args):
             raise RuntimeError("combine failed (injected)")
 
-        router._path.combine = broken_combine
+        router.path.combine = broken_combine
         capture(f"{backend}.combine_error", lambda: router.finalize(
             CombineForwardPayload(payload.expert_x), w, ids, False, {}))
         out[f"{backend}.handle_cleared_after_error"] = router.handle is None
-        router._path.combine = real_combine
+        router.path.combine = real_combine
         payload = router.prepare(x, None, None, w, ids)
         y = CombineForwardPayload(payload.expert_x)
         router.finalize(y, payload.expert_topk_weights, payload.expert_topk_ids, False, None, opt_level=0)

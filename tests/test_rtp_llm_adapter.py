@@ -282,12 +282,12 @@ def test_with_the_standin_the_routers_subclass_fused_moe_data_router(adapter: ty
     assert adapter.SwitchDeepEpLowLatencyRouter.router_type().value == 4
 
 
-def test_define_routers_accepts_any_namespace(adapter: types.ModuleType) -> None:
-    rtp = types.SimpleNamespace(FusedMoeDataRouter=FusedMoeDataRouter, RouterType=RouterType,
-                                MoeConfigResolver=MoeConfigResolver, get_sm=lambda: (10, 0),
-                                ExpertForwardPayload=ExpertForwardPayload, ExpertTokensMetadata=ExpertTokensMetadata)
-    defined = adapter._define_routers(rtp)
-    assert all(checks(defined["SwitchDeepEpLowLatencyRouter"], make_config(low_latency=True)))
+def test_routers_are_top_level_classes_reading_rtp_llm_names(adapter: types.ModuleType,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(adapter, "get_sm", lambda: (10, 0))  # a Blackwell GPU passes the SM check too
+    assert all(checks(adapter.SwitchDeepEpLowLatencyRouter, make_config(low_latency=True)))
+    monkeypatch.setattr(adapter, "get_sm", lambda: (8, 0))
+    assert not checks(adapter.SwitchDeepEpLowLatencyRouter, make_config(low_latency=True))[0]
 
 
 # ---------------------------------------------------------------------------------------------- check_conditions

@@ -9,11 +9,11 @@ import pytest
 
 from deepep_switch.backend import Backend
 from deepep_switch.config import DeepEPMode, DeepepWrapperConfig
-from deepep_switch.providers import Provider
 from deepep_switch.providers.reference import ReferenceBuffer, ReferenceConfig
 from deepep_switch.providers.reference.hints import elastic_buffer_size_hint, low_latency_rdma_size_hint
-from deepep_switch.settings import ProviderChoice, SwitchSettings
-from deepep_switch.sizing import elastic_capacity, plan_elastic, plan_legacy
+from deepep_switch.settings import SwitchSettings
+from deepep_switch.backends import Library, elastic, legacy
+from deepep_switch.quant import Quant
 
 
 def test_hints_match_deep_ep_worked_examples():
@@ -45,7 +45,6 @@ class RecordingElastic:
         return 6 << 20
 
 
-PROVIDER = Provider(ProviderChoice.REFERENCE, ReferenceBuffer, RecordingElastic, ReferenceConfig)
 
 
 def config(low_latency=False, **over) -> DeepepWrapperConfig:
@@ -57,7 +56,7 @@ def config(low_latency=False, **over) -> DeepepWrapperConfig:
 
 
 def test_legacy_normal_plan_uses_max_of_dispatch_and_combine_hints():
-    plan = plan_legacy(PROVIDER, config(), SwitchSettings())
+    plan = legacy.plan(ReferenceBuffer, None, config(), SwitchSettings())
     expected = max(ReferenceBuffer.get_dispatch_config(4).get_nvl_buffer_size_hint(14336, 4),
                    ReferenceBuffer.get_combine_config(4).get_nvl_buffer_size_hint(14336, 4))
     assert plan.backend is Backend.LEGACY and plan.capacity is None
@@ -67,15 +66,15 @@ def test_legacy_normal_plan_uses_max_of_dispatch_and_combine_hints():
 
 def test_legacy_sm_override_changes_the_hint():
     try:
-        small = plan_legacy(PROVIDER, config(), SwitchSettings()).bytes["nvl"]
-        big = plan_legacy(PROVIDER, config(), SwitchSettings(num_sms=32)).bytes["nvl"]
+        small = legacy.plan(ReferenceBuffer, None, config(), SwitchSettings()).bytes["nvl"]
+        big = legacy.plan(ReferenceBuffer, None, config(), SwitchSettings(num_sms=32)).bytes["nvl"]
         assert big > small
     finally:
         ReferenceBuffer.set_num_sms(20)
 
 
 def test_legacy_low_latency_plan():
-    plan = plan_legacy(PROVIDER, config(low_latency=True), SwitchSettings())
+    plan = legacy.plan(ReferenceBuffer, None, config(low_latency=True), SwitchSettings())
     assert plan.kwargs["num_rdma_bytes"] == low_latency_rdma_size_hint(128, 7168, 4, 64)
     assert plan.kwargs["num_qps_per_rank"] == 16 and isinstance(plan.kwargs["num_qps_per_rank"], int)
     assert plan.kwargs["low_latency_mode"] is True and plan.kwargs["num_nvl_bytes"] == 0 and plan.capacity == 128
@@ -83,13 +82,13 @@ def test_legacy_low_latency_plan():
 
 def test_legacy_normal_rejects_rank_counts_without_a_config():
     with pytest.raises(ValueError, match="ep_size=6"):
-        plan_legacy(PROVIDER, config(ep_size=6, world_size=6, expert_num=60), SwitchSettings())
+        legacy.plan(ReferenceBuffer, None, config(ep_size=6, world_size=6, expert_num=60), SwitchSettings())
 
 
 def test_elastic_plan_passes_settings_to_the_hint_and_constructor():
     RecordingElastic.calls.clear()
     settings = SwitchSettings(elastic_allow_hybrid=False, elastic_deterministic=True, max_tokens_per_rank=512)
-    plan = plan_elastic(PROVIDER, group=None, config=config(use_fp8_dispatch=True), settings=settings)
+    plan = elastic.plan(RecordingElastic, None, config(quant=Quant.FP8_BLOCK), settings)
     assert RecordingElastic.calls == [(512, 7168, 8, True, False, True)]
     assert plan.bytes == {"elastic": 6 << 20} and plan.capacity == 512
     assert plan.kwargs["deterministic"] is True and plan.kwargs["explicitly_destroy"] is True
@@ -97,14 +96,24 @@ def test_elastic_plan_passes_settings_to_the_hint_and_constructor():
 
 
 def test_elastic_capacity_by_mode():
-    assert elastic_capacity(config(low_latency=True), SwitchSettings(max_tokens_per_rank=999)) == 128
-    assert elastic_capacity(config(max_tokens_per_rank=2048), SwitchSettings()) == 2048
-    assert elastic_capacity(config(max_tokens_per_rank=2048), SwitchSettings(max_tokens_per_rank=64)) == 64
+    assert elastic.capacity(config(low_latency=True), SwitchSettings(max_tokens_per_rank=999)) == 128
+    assert elastic.capacity(config(max_tokens_per_rank=2048), SwitchSettings()) == 2048
+    assert elastic.capacity(config(max_tokens_per_rank=2048), SwitchSettings(max_tokens_per_rank=64)) == 64
 
 
-def test_elastic_plan_without_elastic_class():
-    with pytest.raises(RuntimeError, match="no ElasticBuffer"):
-        plan_elastic(dataclasses.replace(PROVIDER, ElasticBuffer=None), None, config(), SwitchSettings())
+def test_library_load_names_every_module_and_survives_import_time_assertions(tmp_path, monkeypatch):
+    # deep_ep_v25 raises AssertionError from its NCCL file check at import time: a lazy import must catch it.
+    (tmp_path / "asserting_ep.py").write_text("assert False, 'two libnccl are mapped'\n")
+    (tmp_path / "v1_only_ep.py").write_text("class Buffer: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lib = Library(modules=("asserting_ep", "v1_only_ep", "no_such_module_xyz"), attribute="ElasticBuffer",
+                  import_check="x_import", api_check="x_api", install_hint="install it")
+    with pytest.raises(ImportError) as err:
+        lib.load()
+    text = str(err.value)
+    assert "AssertionError: two libnccl are mapped" in text and "v1_only_ep has no ElasticBuffer" in text
+    assert "no_such_module_xyz" in text and "install it" in text
+    assert dataclasses.replace(lib, attribute="Buffer").load().__name__ == "Buffer"
 
 
 def quant(method):

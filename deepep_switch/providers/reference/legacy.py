@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
-from ...fp8 import quantize_fp8
+from ...quant.fp8 import quantize_fp8
 from .exchange import (NoEvent, RowPack, all_gather_counts, exchange_counts, exchange_rows, no_hook, to_local_ids,
                        token_in_rank)
 from .hints import ReferenceConfig, low_latency_rdma_size_hint

@@ -1,4 +1,4 @@
-"""Triton kernel for :mod:`routers.kernels.fp8_quant`: one read of ``x``, one write of ``x_fp8`` and scales."""
+"""Triton kernel for :mod:`deepep_switch.quant`: one read of ``x``, one write of ``x_fp8`` and scales."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, num_groups, x_stride, q_stride, s_stride,
 
 
 def quantize_fp8_triton(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`deepep_switch.fp8.quantize_fp8` for a 2-D CUDA ``x [T, H]``, H % 128 == 0."""
+    """Same contract as :func:`deepep_switch.quant.fp8.quantize_fp8` for a 2-D CUDA ``x [T, H]``, H % 128 == 0."""
     tokens, hidden = x.shape
     if hidden % _GROUP:
         raise ValueError(f"FP8 quantisation needs hidden % {_GROUP} == 0, got {hidden}")

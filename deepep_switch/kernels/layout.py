@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-logger = logging.getLogger("routers.kernels")
+logger = logging.getLogger("deepep_switch.kernels")
 
 
 def _row_index(end: torch.Tensor, count: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -82,9 +82,9 @@ def layout_ops_for(device: torch.device) -> LayoutOps:
     if device.type != "cuda":
         return TORCH_OPS
     try:
-        from .triton_masked_layout import TRITON_OPS
+        from .triton_layout import pack_rows_triton, unpack_rows_triton
     except Exception as exc:  # no Triton, or one that cannot build for this GPU
         logger.warning("Triton layout kernels unavailable (%s); the elastic low-latency path uses the slower "
                        "torch conversion", exc)
         return TORCH_OPS
-    return TRITON_OPS
+    return LayoutOps("triton", pack_rows_triton, unpack_rows_triton)

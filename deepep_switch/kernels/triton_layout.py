@@ -1,4 +1,4 @@
-"""Triton kernels for :mod:`routers.kernels.masked_layout`: they move only the valid rows.
+"""Triton kernels for :mod:`deepep_switch.kernels.layout`: they move only the valid rows.
 
 Grid ``(ceil(capacity / BLOCK_M), E_local)``; a program whose first row is past its expert's count does nothing,
 so the work scales with the tokens actually received, not with the worst case ``E_local * R * N``.
@@ -11,8 +11,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-
-from .masked_layout import LayoutOps
 
 _BLOCK_M = 8
 
@@ -94,5 +92,3 @@ def unpack_rows_triton(y: torch.Tensor, weights: torch.Tensor, end: torch.Tensor
                          BLOCK_M=_BLOCK_M, BLOCK_H=block_h)
     return out
 
-
-TRITON_OPS = LayoutOps("triton", pack_rows_triton, unpack_rows_triton)

@@ -1,0 +1,261 @@
+"""The elastic generation: ``deep_ep.ElasticBuffer`` (DeepEP 2.x's V2 API), one NCCL-based dispatch/combine.
+
+* import: ``deep_ep.ElasticBuffer`` (sgl-deep-ep 0.1.2.post1 = DeepEP 2.1.0);
+* preflight: runtime NCCL >= 2.30.4, NCCL build == runtime below 2.31, GIN (or ``EP_DISABLE_GIN=1`` on one node);
+* sizing: ``ElasticBuffer.get_buffer_size_hint(group, M, H, K, fp8, hybrid, multiple_reduction)``;
+* normal path: ``dispatch(do_cpu_sync=True)`` + ``combine``, received weights zeroed where the id is -1 (V2
+  keeps the sender's weight there);
+* low-latency path: quantise (DeepEP's FP8 recipe; V2 never quantises) -> ``dispatch(do_expand=True,
+  do_cpu_sync=False)`` -> pack into ``[E_local, R*N, H]``; finalize: unpack multiplying each row by the weight
+  that travelled with it -> ``combine`` (which sums but never weights). No host sync: graph-capturable;
+* reference: :class:`~deepep_switch.providers.reference.ReferenceElasticBuffer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..checks import Check, HostView, Version, format_version, parse_version
+from ..config import DeepEPMode, DeepepWrapperConfig
+from ..kernels.layout import LayoutOps, layout_ops_for
+from ..quant import Quant, Quantizer, quantize_fp8
+from ..settings import SwitchSettings
+from .contracts import (Capabilities, LowLatencyDispatch, NormalDispatch, PathContext, RawRoundTrip,
+                        WeightsAppliedBy, XType)
+from .registry import register
+from .spec import BackendSpec, BufferPlan, Library
+
+# ElasticBuffer needs NCCL >= 2.30.4 at run time (DeepEP README).
+MIN_NCCL: Version = (2, 30, 4)
+# DeepEP built against NCCL < 2.31 asserts that the runtime NCCL is exactly the build one (csrc nccl backend).
+EXACT_MATCH_BELOW: Version = (2, 31, 0)
+# NCCL that known DeepEP binary distributions were compiled against.
+KNOWN_BUILDS: dict[tuple[str, str], Version] = {
+    ("sgl-deep-ep", "0.1.2.post1"): (2, 30, 7),
+}
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+def host_checks(host: HostView, settings: SwitchSettings) -> list[Check]:
+    """NCCL runtime, NCCL build/runtime pairing and GIN: the facts ElasticBuffer's constructor asserts on."""
+    gates = (SPEC.backend,)
+    runtime, where = host.nccl_runtime
+    runtime_ok = runtime is not None and runtime >= MIN_NCCL
+    checks = [Check(name="nccl_runtime", passed=runtime_ok, gates=gates, detail=(
+        f"runtime NCCL {format_version(runtime)} ({where})" if runtime else f"runtime NCCL unknown: {where}")
+        + ("" if runtime_ok else f"; ElasticBuffer needs NCCL >= {format_version(MIN_NCCL)} at run time"))]
+    build = build_nccl(host, settings)
+    if build is not None:
+        host.facts["nccl_build_version"] = format_version(build) or ""
+    checks.append(_build_match_check(runtime, build))
+    checks.append(_gin_check(host, settings))
+    return checks
+
+
+def build_nccl(host: HostView, settings: SwitchSettings) -> Optional[Version]:
+    """The NCCL this DeepEP was compiled against: the operator's setting, else a known PyPI build."""
+    if settings.nccl_build_version:
+        return parse_version(settings.nccl_build_version)
+    dist_info = host.probe.distribution("deep_ep")
+    return KNOWN_BUILDS.get(dist_info) if dist_info else None
+
+
+def _build_match_check(runtime: Optional[Version], build: Optional[Version]) -> Check:
+    name, gates = "nccl_build_match", (SPEC.backend,)
+    if build is None:
+        if runtime is not None and runtime >= EXACT_MATCH_BELOW:
+            return Check(name=name, passed=True, gates=gates,
+                         detail="build NCCL unknown; runtime >= 2.31 uses NCCL's runtime-version devcomm")
+        return Check(name=name, passed=False, gates=gates, detail=(
+            "cannot tell which NCCL this DeepEP was compiled against; below NCCL 2.31 it must equal the runtime. "
+            "Set RTP_LLM_DEEPEP_NCCL_BUILD_VERSION=MAJOR.MINOR.PATCH"))
+    seen = f"DeepEP built with NCCL {format_version(build)}, runtime {format_version(runtime)}"
+    if build >= EXACT_MATCH_BELOW:
+        ok = runtime is not None and runtime >= build
+        return Check(name=name, passed=ok, gates=gates,
+                     detail=seen + ("" if ok else f"; upgrade the runtime NCCL to >= {format_version(build)}"))
+    ok = runtime == build
+    return Check(name=name, passed=ok, gates=gates, detail=seen + (
+        "" if ok else f"; below 2.31 they must be equal: install nvidia-nccl-cu13=={format_version(build)}"))
+
+
+def _gin_check(host: HostView, settings: SwitchSettings) -> Check:
+    name, gates, nics = "gin", (SPEC.backend,), host.rdma_nics
+    if host.internode:
+        ok = bool(nics) and not settings.ep_disable_gin
+        return Check(name=name, passed=ok, gates=gates, detail=(
+            f"internode EP over RDMA NICs {nics}" if ok else
+            "internode ElasticBuffer needs NCCL GIN over an RDMA NIC: "
+            + ("unset EP_DISABLE_GIN" if settings.ep_disable_gin else "no RDMA NIC in /sys/class/infiniband")))
+    if nics:
+        return Check(name=name, passed=True, gates=gates, detail=f"RDMA NICs {nics} (GIN possible)")
+    if settings.ep_disable_gin:
+        return Check(name=name, passed=True, gates=gates,
+                     detail="no RDMA NIC; EP_DISABLE_GIN=1 (single-node NVLink ElasticBuffer)")
+    return Check(name=name, passed=False, gates=gates, detail=(
+        "no RDMA NIC, so ElasticBuffer would fail with 'NCCL GIN is unavailable'; "
+        "set EP_DISABLE_GIN=1 for single-node NVLink"))
+
+
+# ---------------------------------------------------------------------------------------------- sizing
+def capacity(config: DeepepWrapperConfig, settings: SwitchSettings) -> int:
+    """M, the ElasticBuffer's tokens per rank: the LL budget, or the normal-mode capacity (setting wins)."""
+    if config.mode is DeepEPMode.LOW_LATENCY:
+        return config.ll_num_max_token_per_rank
+    return settings.max_tokens_per_rank or config.max_tokens_per_rank
+
+
+def plan(buffer_cls: Any, group: dist.ProcessGroup, config: DeepepWrapperConfig,
+         settings: SwitchSettings) -> BufferPlan:
+    """Size an ``ElasticBuffer``. ``get_buffer_size_hint`` reads the group's NCCL communicator."""
+    tokens = capacity(config, settings)
+    fp8 = config.quant.is_fp8
+    num_bytes = int(buffer_cls.get_buffer_size_hint(
+        group, tokens, config.hidden_size, num_topk=config.moe_k, use_fp8_dispatch=fp8,
+        allow_hybrid_mode=settings.elastic_allow_hybrid,
+        allow_multiple_reduction=settings.elastic_allow_multiple_reduction))
+    kwargs = dict(num_bytes=num_bytes, num_max_tokens_per_rank=tokens, hidden=config.hidden_size,
+                  num_topk=config.moe_k, use_fp8_dispatch=fp8,
+                  deterministic=settings.elastic_deterministic, allow_hybrid_mode=settings.elastic_allow_hybrid,
+                  allow_multiple_reduction=settings.elastic_allow_multiple_reduction,
+                  prefer_overlap_with_compute=settings.elastic_prefer_overlap, explicitly_destroy=True)
+    return BufferPlan(SPEC.backend, kwargs, {"elastic": num_bytes}, tokens)
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def check_hidden(ctx: PathContext) -> None:
+    """Real ElasticBuffer's combine kernel static-asserts hidden % 256; say so when the router is built."""
+    if ctx.real_deep_ep and ctx.hidden % 256:
+        raise ValueError(f"ElasticBuffer combine needs hidden % 256 == 0 (a JIT static assert), got {ctx.hidden}")
+
+
+class ElasticNormalPath:
+    """``ElasticBuffer`` with a host-synchronised layout (exact row counts); rows in arbitrary order per source
+    rank unless ``RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC=1``."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        host_sync=True, graph_capturable=False, weights=WeightsAppliedBy.EXECUTOR)
+
+    def __init__(self, buffer: Any, num_experts: int, expert_alignment: int, num_sms: int,
+                 num_local_experts: int) -> None:
+        self.buffer, self.num_experts, self.expert_alignment = buffer, num_experts, expert_alignment
+        self.num_sms, self.num_local_experts = num_sms, num_local_experts
+
+    @classmethod
+    def build(cls, ctx: PathContext) -> "ElasticNormalPath":
+        check_hidden(ctx)
+        return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment, ctx.num_sms, ctx.num_local_experts)
+
+    def dispatch(self, x: XType, ids: torch.Tensor, weights: torch.Tensor) -> NormalDispatch:
+        recv_x, recv_ids, recv_w, handle, _ = self.buffer.dispatch(
+            x, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
+            expert_alignment=self.expert_alignment, num_sms=self.num_sms, do_cpu_sync=True)
+        recv_w = recv_w.masked_fill(recv_ids < 0, 0.0)  # V2 keeps the sender's weight where the id is -1
+        counts = list(handle.num_recv_tokens_per_expert_list) or [0] * self.num_local_experts
+        rows, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
+        return NormalDispatch(rows, scales, recv_ids, recv_w, counts, handle)
+
+    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        out, _, _ = self.buffer.combine(y, handle, num_sms=handle.num_sms)
+        return out
+
+
+class _LowLatencyState(NamedTuple):
+    handle: Any
+    weights: torch.Tensor   # [rows] float32: the weight of each expanded row
+    end: torch.Tensor       # [E_local] int32: one past the last row of each expert
+    counts: torch.Tensor    # [E_local] int32
+    num_rows: int
+
+
+class ElasticLowLatencyPath:
+    """``ElasticBuffer`` without host sync, converted to and from the legacy low-latency layout."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        host_sync=False, graph_capturable=True, weights=WeightsAppliedBy.PATH)
+
+    def __init__(self, buffer: Any, num_experts: int, capacity: int, ranks: int, quantize: Quantizer,
+                 num_sms: int, ops: LayoutOps) -> None:
+        self.buffer, self.num_experts, self.capacity, self.ranks = buffer, num_experts, capacity, ranks
+        self.quantize, self.num_sms, self.ops = quantize, num_sms, ops
+        self.num_local_experts = num_experts // ranks
+
+    @classmethod
+    def build(cls, ctx: PathContext) -> "ElasticLowLatencyPath":
+        assert ctx.capacity is not None, "low-latency buffers always have a capacity"
+        check_hidden(ctx)
+        return cls(ctx.buffer, ctx.num_experts, ctx.capacity, ctx.num_ranks, ctx.quantize, ctx.num_sms,
+                   layout_ops_for(ctx.device))
+
+    @property
+    def layout_ops(self) -> str:
+        """Which conversion runs: "triton" or "torch"."""
+        return self.ops.name
+
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> LowLatencyDispatch:
+        payload = self.quantize(x)  # DeepEP V2 moves FP8 bytes but never quantises: same recipe as legacy LL
+        recv, _, recv_w, handle, _ = self.buffer.dispatch(
+            payload, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
+            num_max_tokens_per_rank=self.capacity, expert_alignment=1, num_sms=self.num_sms,
+            do_cpu_sync=False, do_expand=True)
+        rows_x, rows_sf = recv if isinstance(recv, tuple) else (recv, None)
+        counts = handle.num_unaligned_recv_tokens_per_expert
+        end = handle.psum_num_recv_tokens_per_expert  # expand mode: psum[e] = start[e] + count[e]
+        slots = self.ranks * self.capacity
+        expert_x = self.ops.pack(rows_x, end, counts, slots)
+        scales = None
+        if rows_sf is not None:
+            # DeepEP's legacy layout: [E_local, R*N, H/128] with the token dimension contiguous.
+            scales = torch.empty((self.num_local_experts, rows_sf.shape[1], slots), dtype=rows_sf.dtype,
+                                 device=rows_sf.device).transpose(1, 2)
+            self.ops.pack(rows_sf, end, counts, slots, out=scales)
+        state = _LowLatencyState(handle, recv_w, end, counts, rows_x.shape[0])
+        return LowLatencyDispatch(expert_x, scales, counts, state)
+
+    def combine(self, y: torch.Tensor, state: _LowLatencyState, weights: torch.Tensor,
+                ids: torch.Tensor) -> torch.Tensor:
+        rows = self.ops.unpack(y, state.weights, state.end, state.counts, state.num_rows)
+        out, _, _ = self.buffer.combine(rows, state.handle, num_sms=state.handle.num_sms)
+        return out
+
+
+def raw_round_trip(buffer: Any, low_latency: bool, capacity: int, num_experts: int, x: torch.Tensor,
+                   ids: torch.Tensor, weights: torch.Tensor, quant: Quant) -> RawRoundTrip:
+    """Bench baseline: raw ``ElasticBuffer`` calls (expert output = input; low-latency: expand, no CPU sync,
+    and no top-k weighting, which V2's combine never does and a real integration must add)."""
+    del capacity  # the buffer's own num_max_tokens_per_rank applies
+    payload = quantize_fp8(x, quant.round_scale) if quant.is_fp8 else x
+
+    def trip() -> Any:
+        recv, _, _, handle, _ = buffer.dispatch(payload, topk_idx=ids, topk_weights=weights, num_experts=num_experts,
+                                                do_cpu_sync=not low_latency, do_expand=low_latency)
+        y = recv[0].to(torch.bfloat16) if quant.is_fp8 else recv
+        return buffer.combine(y, handle)[0]
+    return trip
+
+
+def _reference() -> type:
+    from ..providers.reference import ReferenceElasticBuffer
+
+    return ReferenceElasticBuffer
+
+
+SPEC: BackendSpec = register(BackendSpec(
+    name="elastic",
+    summary="deep_ep.ElasticBuffer (DeepEP 2.1 V2 API): one NCCL-based dispatch/combine",
+    library=Library(
+        modules=("deep_ep",), attribute="ElasticBuffer", import_check="deep_ep_import", api_check="elastic_api",
+        install_hint="a deep_ep without it predates DeepEP 2.x (V1 only): install sgl-deep-ep==0.1.2.post1 "
+                     "(DeepEP 2.1.0)"),
+    reference=_reference,
+    plan=plan,
+    normal_path=ElasticNormalPath,
+    low_latency_path=ElasticLowLatencyPath,
+    host_checks=host_checks,
+    check_names=("nccl_runtime", "nccl_build_match", "gin"),
+    raw_round_trip=raw_round_trip,
+    auto_priority=10,
+))
