@@ -39,6 +39,10 @@ def unregister(name: str) -> None:
     if name in _BUILT_IN:
         raise ValueError(f"built-in backend {name!r} cannot be unregistered")
     _SPECS.pop(name, None)
+    from ..settings import BackendChoice
+
+    for enum_cls in (Backend, BackendChoice):  # forget the pseudo-members made for it
+        enum_cls._value2member_map_.pop(name, None)
 
 
 def is_registered(name: str) -> bool:
