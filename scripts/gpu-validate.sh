@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run deepep-switch's GPU validation on a machine with real DeepEP (sgl-deep-ep 0.1.2.post1) installed, e.g. a lent
-# device after ../shared/gpu/install.sh. Logs and JSON records go to $OUT (default ./gpu-out).
+# Run deepep-switch's GPU validation on a machine with real DeepEP installed (torch 2.14.1, nvidia-nccl-cu13 2.30.7,
+# sgl-deep-ep 0.1.2.post1), e.g. a lent device. Logs and JSON records go to $OUT (default ./gpu-out).
 #   scripts/gpu-validate.sh core      # test_gpu_core.py + the Triton layout kernel tests (2 GPUs)
 #   scripts/gpu-validate.sh routers   # test_gpu_routers.py (2 GPUs, and 4 if present)
 #   scripts/gpu-validate.sh bench N [bench args...]   # deepep-switch bench on N ranks

@@ -2,7 +2,7 @@
 
 One ``spawn`` per world size (2 and 4 ranks) runs every case on every rank (``tests/_ref_workers.py``) and brings
 the raw outputs back. The expectations below are computed here, in one process, with plain Python loops over all
-ranks' regenerated inputs: they follow ``/work/shared/docs/deepep_semantics.md`` sections 1a-1c and never call the
+ranks' regenerated inputs: they follow DeepEP 2.1.0's documented semantics (legacy normal, low-latency, ElasticBuffer) and never call the
 providers' own code paths.
 
 Notation as in the semantics doc: R ranks, E experts, L = E/R local experts, owner(e) = e // L, rank s holds
