@@ -105,7 +105,7 @@ def _raw_round_trip(wrapper: Any, low_latency: bool, x: torch.Tensor, ids: torch
     raw = wrapper.spec.raw_round_trip
     if raw is None:
         return None
-    return raw(wrapper.buffer, low_latency, wrapper.ll_num_max_token_per_rank, spec.num_experts, x, ids, w,
+    return raw(wrapper.native_buffer, low_latency, wrapper.ll_num_max_token_per_rank, spec.num_experts, x, ids, w,
                _quant(spec))
 
 

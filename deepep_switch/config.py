@@ -84,8 +84,17 @@ class DeepepWrapperConfig:
     max_tokens_per_rank: int = 4096
     quant: Quant = Quant.NONE
 
-    def equal(self, other: "DeepepWrapperConfig") -> bool:
-        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
+    def equal(self, other: Any) -> bool:
+        """Field-by-field equality. ``other`` may be rtp-llm's own config (its eighteen fields): fields it lacks
+        must hold their defaults here."""
+        missing = object()
+        for f in fields(self):
+            theirs = getattr(other, f.name, missing)
+            if theirs is missing:
+                theirs = f.default
+            if getattr(self, f.name) != theirs:
+                return False
+        return True
 
     @property
     def use_fp8_dispatch(self) -> bool:

@@ -302,7 +302,7 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
         requested=_requested(loaded.settings.backend),
         requested_mode=loaded.settings.backend, resolved=agreement.resolved, runnable=agreement.runnable,
         reasons=([loaded.backend_problem] if loaded.backend_problem else []) + agreement.reasons,
-        strict=agreement.strict, settings=loaded.settings.model_copy(update=agreement.knobs),
+        strict=agreement.strict, settings=_with_knobs(loaded.settings, agreement.knobs),
         preflight=report, consensus=consensus,
     )
     log = logger.info if rank == 0 or agreement.resolved is not decision.requested else logger.debug
@@ -321,3 +321,8 @@ def _vote_row(vote: Vote) -> dict[str, int]:
     row = {f.name: getattr(vote, f.name) for f in fields(Vote) if f.name != "fail_masks"}
     row.update({f"{name}_fail_mask": vote.fail_masks[i] for i, name in enumerate(registry.names())})
     return row
+
+
+def _with_knobs(settings: SwitchSettings, knobs: dict[str, int]) -> SwitchSettings:
+    """The settings with the agreed knob values, each in its field's own type (the vote carries ints)."""
+    return settings.model_copy(update={k: type(getattr(settings, k))(v) for k, v in knobs.items()})

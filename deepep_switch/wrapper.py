@@ -12,19 +12,29 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from typing import Any, ClassVar, Optional
+import weakref
+from typing import Any, ClassVar, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
 from .backend import Backend
 from .backends import FALLBACK, BackendSpec, BufferPlan, get_spec, registered
+from .buffer_guard import GuardedBuffer
 from .config import DeepEPMode, DeepepWrapperConfig
 from .consensus import all_gather_ints
 from .decision import BackendDecision, BackendUnavailableError, resolve_backend
 from .settings import LoadedSettings, ProviderChoice, get_settings
 
 logger = logging.getLogger("deepep_switch.wrapper")
+
+
+class BufferUser(Protocol):
+    """What the wrapper tells the routers built on it when its buffer goes away or comes back."""
+
+    @property
+    def handle(self) -> Any: ...
+    def on_buffer_changed(self) -> None: ...
 
 
 class DeepEPWrapper:
@@ -43,6 +53,7 @@ class DeepEPWrapper:
         if not decision.runnable:
             raise RuntimeError(f"DeepEP cannot run here: {decision.describe()}")
         self._provider: ProviderChoice = decision.settings.provider
+        self._users: "weakref.WeakSet[BufferUser]" = weakref.WeakSet()
         self._buffer, self._plan, self._decision = self._build(decision)
         self._spec = get_spec(self._decision.resolved)
         logger.info("deepep-switch rank %d/%d: built %s buffer (%s mode) %s", config.ep_rank, config.ep_size,
@@ -166,9 +177,75 @@ class DeepEPWrapper:
             if instance is not None:
                 instance._destroy_buffer()
 
+    @classmethod
+    def destroy_buffer(cls) -> None:
+        """Free the buffer but keep the wrapper and its config (collective; rtp-llm's sleep/suspend API).
+
+        Routers built on it stay valid: until :meth:`rebuild_buffer`, their ``prepare`` raises RuntimeError.
+        Refused on every rank (RuntimeError, before any memory is freed) while any rank has a dispatch open.
+        Without a wrapper, or when already suspended, it does nothing.
+        """
+        with cls._lock:
+            instance = cls._instance
+            if instance is None or instance._buffer is None:
+                return
+            instance._agree_no_open_dispatch("destroy_buffer")
+            cls._initialized = False
+            instance._destroy_buffer()
+            instance._notify_users()
+            logger.info("deepep-switch rank %d/%d: %s buffer destroyed; the wrapper is suspended", instance.ep_rank,
+                        instance.ep_size, instance.backend.value)
+
+    @classmethod
+    def rebuild_buffer(cls) -> None:
+        """Build the buffer again after :meth:`destroy_buffer` (collective), with the same config and backend
+        (and the same agreed fallback if its construction fails on any rank). Routers follow it."""
+        with cls._lock:
+            instance = cls._instance
+            if instance is None:
+                logger.info("deepep-switch: rebuild_buffer skipped: no wrapper was created")
+                return
+            if instance._buffer is not None:
+                return
+            instance._buffer, instance._plan, instance._decision = instance._build(instance._decision)
+            instance._spec = get_spec(instance._decision.resolved)
+            cls._initialized = True
+            instance._notify_users()
+            logger.info("deepep-switch rank %d/%d: %s buffer rebuilt %s", instance.ep_rank, instance.ep_size,
+                        instance.backend.value, instance._plan.bytes)
+
+    def attach(self, user: BufferUser) -> None:
+        """Register a router to be told when the buffer is destroyed or rebuilt (held weakly)."""
+        self._users.add(user)
+
+    def _notify_users(self) -> None:
+        for user in list(self._users):
+            user.on_buffer_changed()
+
+    def _agree_no_open_dispatch(self, what: str) -> None:
+        open_here = sum(user.handle is not None for user in list(self._users))
+        rows = all_gather_ints([open_here], self._group, self._decision.settings.consensus_timeout_s, what=what)
+        busy = [rank for rank, row in enumerate(rows) if row[0]]
+        if busy:
+            raise RuntimeError(f"{what} refused on every rank: ranks {busy} have a dispatch open (prepare() without "
+                               "finalize()); finish it first")
+
     # ------------------------------------------------------------------ properties
     @property
     def buffer(self) -> Any:
+        """The buffer, for engine code that calls it directly. On a generation other than legacy, a guard that
+        names the backend when such code calls a method that generation lacks (see :mod:`.buffer_guard`)."""
+        buffer = self.native_buffer
+        if self.backend is FALLBACK:
+            return buffer
+        return GuardedBuffer(buffer, self.backend.value, f"{type(buffer).__module__}.{type(buffer).__name__}")
+
+    @property
+    def native_buffer(self) -> Any:
+        """The buffer object itself (routers' paths and bench use it). RuntimeError while suspended."""
+        if self._buffer is None:
+            raise RuntimeError("the DeepEP buffer is suspended (DeepEPWrapper.destroy_buffer()); call "
+                               "DeepEPWrapper.rebuild_buffer() on every rank first")
         return self._buffer
 
     @property

@@ -95,6 +95,18 @@ class RouterOptions:
 PathT = TypeVar("PathT")
 
 
+class _SuspendedPath:
+    """Bound while the wrapper's buffer is destroyed: every call says why and what to do."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def dispatch(self, *args: Any) -> Any:
+        raise RuntimeError(self.reason)
+
+    combine = dispatch
+
+
 class RouterBase(ABC, Generic[PathT]):
     """prepare/finalize around one bound backend path. Subclasses: NormalRouter, LowLatencyRouter."""
 
@@ -116,20 +128,37 @@ class RouterBase(ABC, Generic[PathT]):
         self.num_local_experts = cfg.expert_num // cfg.ep_size
         self.capacity = wrapper.capacity
         self._tp = TensorParallelSlicer(options.tp_rank, options.tp_size, options.tp_group)
-        real_deep_ep = wrapper.provider is ProviderChoice.DEEP_EP
         # Real DeepEP runs on the current CUDA device; the reference providers may run anywhere (torch kernels).
-        self.device = torch.device("cuda", torch.cuda.current_device()) if real_deep_ep else torch.device("cpu")
+        self._real_deep_ep = wrapper.provider is ProviderChoice.DEEP_EP
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if self._real_deep_ep
+                       else torch.device("cpu"))
         # Which quantiser kernel runs ("triton"/"torch"), or None without quantisation (nothing is compiled then).
         self.quantizer, self._quantize = quantizer_for(options.quant, self.device)
         self._handle: Any = None
+        self._path: PathT = self._bind_path()
+        wrapper.attach(self)  # told when the buffer is destroyed or rebuilt
+
+    def _bind_path(self) -> Any:
+        """Build this mode's path class of the wrapper's running generation over its current buffer."""
+        wrapper, options = self.wrapper, self.options
         ctx = PathContext(
-            buffer=wrapper.buffer, real_deep_ep=real_deep_ep, num_experts=self.num_experts,
+            buffer=wrapper.native_buffer, real_deep_ep=self._real_deep_ep, num_experts=self.num_experts,
             num_local_experts=self.num_local_experts, num_ranks=self.ep_size, num_topk=self.num_topk,
             hidden=self.hidden_size, capacity=self.capacity, expert_alignment=options.expert_alignment,
             quant=options.quant, quantize=self._quantize, num_sms=wrapper.decision.settings.num_sms,
-            device=self.device)
-        self._path: PathT = self._path_class(wrapper.spec).build(ctx)
-        logger.debug("%s bound to %s path %s", type(self).__name__, wrapper.backend.value, type(self._path).__name__)
+            device=self.device, group=wrapper.group, timeout_s=wrapper.decision.settings.consensus_timeout_s)
+        path = self._path_class(wrapper.spec).build(ctx)
+        logger.debug("%s bound to %s path %s", type(self).__name__, wrapper.backend.value, type(path).__name__)
+        return path
+
+    def on_buffer_changed(self) -> None:
+        """The wrapper destroyed or rebuilt its buffer: bind to the new one, or refuse to run until it exists."""
+        self._handle = None
+        self.capacity = self.wrapper.capacity
+        try:
+            self._path = self._bind_path()
+        except RuntimeError as exc:  # suspended: no buffer to bind to
+            self._path = _SuspendedPath(str(exc))  # type: ignore[assignment]
 
     @staticmethod
     @abstractmethod

@@ -69,7 +69,7 @@ def _sizes(rank: int, world: int) -> dict[str, Any]:
     for name, backend, low_latency in (("legacy_normal", "legacy", False), ("legacy_ll", "legacy", True),
                                        ("elastic_normal", "elastic", False), ("elastic_ll", "elastic", True)):
         w = DeepEPWrapper.create(_config(rank, world, low_latency), settings=_settings(RTP_LLM_DEEPEP_BACKEND=backend))
-        buf = w.buffer
+        buf = w.native_buffer
         actual = ({"elastic": buf.num_bytes} if backend == "elastic"
                   else {"nvl": buf.num_nvl_bytes, "rdma": buf.num_rdma_bytes})
         out[name] = (w.backend.value, type(buf).__module__ + "." + type(buf).__name__, w.buffer_bytes, actual,

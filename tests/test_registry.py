@@ -81,7 +81,7 @@ def _toy_worker(rank: int, world: int, backend: str, fail_rank: str) -> dict:
             result = run_moe_layer(router, x, ids, w, experts, rank)
             reference = dense_reference(problem, experts, fp8=True)[problem.rank_slice(rank)]
             key = "low_latency" if low_latency else "normal"
-            out[key] = dict(backend=wrapper.backend.value, buffer=type(wrapper.buffer).__name__,
+            out[key] = dict(backend=wrapper.backend.value, buffer=type(wrapper.native_buffer).__name__,
                             path=type(router.path).__name__, fallback=wrapper.decision.fallback,
                             error=relative_error(result, reference) if x.shape[0] else 0.0)
         finally:

@@ -6,11 +6,12 @@ this process, and directly in the spawned ranks of the end-to-end test.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 import types
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Optional
 
@@ -258,7 +259,7 @@ def test_without_rtp_llm_the_module_imports_cleanly(monkeypatch: pytest.MonkeyPa
     module = load_adapter()
     assert module.RTP_LLM_AVAILABLE is False
     assert module.ROUTERS == ()
-    assert module.__all__ == ["RTP_LLM_AVAILABLE", "ROUTERS", "init_deepep_wrapper", "wrapper_config_for"]
+    assert module.__all__ == ["RTP_LLM_AVAILABLE", "ROUTERS", "init_deepep_wrapper", "install", "wrapper_config_for"]
     for name in ("SwitchDeepepNormalRouterNoQuant", "SwitchDeepepNormalRouterFp8PerBlock",
                  "SwitchDeepEpLowLatencyRouter"):
         assert not hasattr(module, name)
@@ -407,7 +408,8 @@ def test_prepare_and_finalize_delegate(adapter: types.ModuleType) -> None:
     assert router.handle == "open"
     payload = router.prepare("a1", None, None, "w", "ids")
     assert type(payload) is ExpertForwardPayload and type(payload.expert_tokens_meta) is ExpertTokensMetadata
-    assert payload.expert_tokens_meta.expected_m == 3 and payload.expert_ids_are_local is True
+    # rtp-llm's CUDA routers never set expert_ids_are_local; the adapter leaves it at rtp-llm's default.
+    assert payload.expert_tokens_meta.expected_m == 3 and payload.expert_ids_are_local is False
     assert payload.expert_x is ours.expert_x
     router.finalize("p", "w", "ids", False, {"original_num_tokens": 1}, skip_allreduce=True, opt_level=1)
     assert calls[0] == ("prepare", ("a1", None, None, "w", "ids"), {})
@@ -471,7 +473,9 @@ def e2e_worker(rank: int, world: int) -> list[dict[str, Any]]:
             elif payload.expert_x.numel() == 0:  # as rtp-llm's FusedMoe does
                 combined = CombineForwardPayload(torch.empty_like(payload.expert_x, dtype=torch.bfloat16))
             else:
-                combined = normal_executor(payload, experts, rank, experts_num // world)
+                # rtp-llm's executors know the id convention from the quantisation (FP8: local ids), not the flag.
+                combined = normal_executor(dataclasses.replace(payload, expert_ids_are_local=fp8), experts, rank,
+                                           experts_num // world)
             out = router.finalize(combined, payload.expert_topk_weights, payload.expert_topk_ids, False,
                                   {"original_num_tokens": x.shape[0], "skip_tp_allreduce": False})
             assert router.handle is None
@@ -482,7 +486,9 @@ def e2e_worker(rank: int, world: int) -> list[dict[str, Any]]:
                 backend=router.wrapper.backend.value,
                 use_fp8=opts.use_fp8, alignment=opts.expert_alignment, global_ids=opts.global_expert_ids,
                 tp_group=opts.tp_group is not None, scale=payload.expert_x_scale is not None,
-                ids_local=payload.expert_ids_are_local,
+                ids_flag=payload.expert_ids_are_local,
+                ids_range=(int(payload.expert_topk_ids.min()), int(payload.expert_topk_ids.max()))
+                if payload.expert_topk_ids.numel() else None,
                 counts_cpu=payload.expert_tokens_meta.expert_num_tokens_cpu))
         finally:
             DeepEPWrapper.reset()
@@ -503,10 +509,13 @@ def test_end_to_end_on_the_reference_provider(backend: str) -> None:
             assert r["backend"] == backend, r
             assert r["use_fp8"] is (method is not None) and r["scale"] is (method is not None), r
             assert r["tp_group"] is (tp > 1), r
-            if name == "SwitchDeepepNormalRouterNoQuant":
-                assert r["global_ids"] and not r["ids_local"] and r["alignment"] == 1, r
-            if name == "SwitchDeepepNormalRouterFp8PerBlock":
-                assert not r["global_ids"] and r["ids_local"] and r["alignment"] == 128, r
+            assert r["ids_flag"] is False, r  # as rtp-llm's CUDA routers
+            if name == "SwitchDeepepNormalRouterNoQuant":  # global ids, -1 mapped to a zero-weight dummy
+                assert r["global_ids"] and r["alignment"] == 1, r
+                assert r["ids_range"] is None or r["ids_range"][0] >= 0, r
+            if name == "SwitchDeepepNormalRouterFp8PerBlock":  # local ids with -1
+                assert not r["global_ids"] and r["alignment"] == 128, r
+                assert r["ids_range"] is None or r["ids_range"][1] < 8 // 2, r
                 assert all(c % 128 == 0 for c in r["counts_cpu"]), r
             if name == "SwitchDeepEpLowLatencyRouter":
-                assert r["counts_cpu"] is None and not r["ids_local"], r
+                assert r["counts_cpu"] is None, r

@@ -32,7 +32,7 @@ def _lifecycle_worker(rank: int, world: int) -> dict:
     out: dict = {}
     cfg = make_config(rank, world)
     w = DeepEPWrapper.create(cfg, settings=_use({"RTP_LLM_DEEPEP_BACKEND": "legacy"}))
-    out["legacy"] = (w.backend.value, type(w.buffer).__name__, w.mode, w.buffer_bytes, w.capacity,
+    out["legacy"] = (w.backend.value, type(w.native_buffer).__name__, w.mode, w.buffer_bytes, w.capacity,
                      DeepEPWrapper.is_initialized(), w.ep_rank, w.num_experts, w.num_topk, w.use_accl_ep)
     out["same_config_same_instance"] = DeepEPWrapper.create(make_config(rank, world)) is w
     out["get_instance"] = DeepEPWrapper.get_instance(make_config(rank, world)) is w
@@ -59,7 +59,7 @@ def _lifecycle_worker(rank: int, world: int) -> dict:
     for low_latency in (False, True):
         w = DeepEPWrapper.create(make_config(rank, world, low_latency=low_latency),
                                  settings=_use({"RTP_LLM_DEEPEP_BACKEND": "elastic"}))
-        out[f"elastic_{low_latency}"] = (w.backend.value, type(w.buffer).__name__, w.buffer_bytes, w.capacity,
+        out[f"elastic_{low_latency}"] = (w.backend.value, type(w.native_buffer).__name__, w.buffer_bytes, w.capacity,
                                          w.buffer.num_max_tokens_per_rank, w.buffer.explicitly_destroy)
         DeepEPWrapper.reset()
 
@@ -108,7 +108,7 @@ def _construction_failure_worker(rank: int, world: int, strict: bool) -> tuple:
         w = DeepEPWrapper.create(make_config(rank, world), settings=_use(env))
     except BackendUnavailableError as exc:
         return ("raised", str(exc), DeepEPWrapper.is_initialized())
-    result = (w.backend.value, type(w.buffer).__name__, w.decision.fallback, w.decision.reasons)
+    result = (w.backend.value, type(w.native_buffer).__name__, w.decision.fallback, w.decision.reasons)
     DeepEPWrapper.reset()
     return result
 

@@ -56,6 +56,8 @@ class PathContext:
         quant: the dispatch quantisation; ``quantize`` applies it to a bf16 ``[T, H]`` (identity for NONE).
         num_sms: SMs for the communication kernels (0 = the library's default).
         device: where the router's tensors live.
+        group: the EP process group (for the rare collective a compatibility view needs).
+        timeout_s: the deadline for any wait on peers a path makes itself.
     """
 
     buffer: Any
@@ -71,6 +73,8 @@ class PathContext:
     quantize: Callable[[torch.Tensor], XType]
     num_sms: int
     device: torch.device
+    group: Any
+    timeout_s: float
 
 
 class NormalDispatch(NamedTuple):

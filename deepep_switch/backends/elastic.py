@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.distributed as dist
@@ -132,6 +132,39 @@ def check_hidden(ctx: PathContext) -> None:
         raise ValueError(f"ElasticBuffer combine needs hidden % 256 == 0 (a JIT static assert), got {ctx.hidden}")
 
 
+class ElasticNormalHandle:
+    """The elastic normal path's dispatch handle: DeepEP's ``EPHandle`` (``native``), plus rtp-llm's view of a
+    legacy normal handle, ``handle[0]`` = the rank prefix matrix (see :attr:`rank_prefix_matrix`)."""
+
+    __slots__ = ("native", "_group", "_timeout_s", "_prefix")
+
+    def __init__(self, native: Any, group: Any, timeout_s: float) -> None:
+        self.native, self._group, self._timeout_s, self._prefix = native, group, timeout_s, None
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 0:
+            return self.rank_prefix_matrix
+        raise IndexError(f"legacy normal handle field {index} has no meaning on ElasticBuffer (only [0], the rank "
+                         "prefix matrix, is provided as a compatibility view)")
+
+    @property
+    def rank_prefix_matrix(self) -> torch.Tensor:
+        """int32 ``[R, R]``: ``[i, j]`` = rows rank ``j`` received from ranks ``0..i``, as legacy's ``handle[0]``.
+
+        Rows are grouped by source rank on both generations, so ``[i-1, rank]:[i, rank]`` are the rows from
+        rank ``i`` here too. Built on first read from every rank's ``psum_num_recv_tokens_per_scaleup_rank``:
+        **a collective** (one bounded all-gather of R ints), so every rank of the group must read it.
+        """
+        if self._prefix is None:
+            from ..consensus import all_gather_ints
+
+            local = self.native.psum_num_recv_tokens_per_scaleup_rank
+            columns = all_gather_ints([int(v) for v in local.tolist()], self._group, self._timeout_s,
+                                      what="rank prefix matrix (compatibility view)")
+            self._prefix = torch.tensor(columns, dtype=torch.int32, device=local.device).t().contiguous()
+        return self._prefix
+
+
 class ElasticNormalPath:
     """``ElasticBuffer`` with a host-synchronised layout (exact row counts); rows in arbitrary order per source
     rank unless ``RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC=1``."""
@@ -140,14 +173,16 @@ class ElasticNormalPath:
         host_sync=True, graph_capturable=False, weights=WeightsAppliedBy.EXECUTOR)
 
     def __init__(self, buffer: Any, num_experts: int, expert_alignment: int, num_sms: int,
-                 num_local_experts: int) -> None:
+                 num_local_experts: int, group: Any = None, timeout_s: float = 60.0) -> None:
         self.buffer, self.num_experts, self.expert_alignment = buffer, num_experts, expert_alignment
         self.num_sms, self.num_local_experts = num_sms, num_local_experts
+        self.group, self.timeout_s = group, timeout_s
 
     @classmethod
     def build(cls, ctx: PathContext) -> "ElasticNormalPath":
         check_hidden(ctx)
-        return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment, ctx.num_sms, ctx.num_local_experts)
+        return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment, ctx.num_sms, ctx.num_local_experts,
+                   ctx.group, ctx.timeout_s)
 
     def dispatch(self, x: XType, ids: torch.Tensor, weights: torch.Tensor) -> NormalDispatch:
         recv_x, recv_ids, recv_w, handle, _ = self.buffer.dispatch(
@@ -156,19 +191,76 @@ class ElasticNormalPath:
         recv_w = recv_w.masked_fill(recv_ids < 0, 0.0)  # V2 keeps the sender's weight where the id is -1
         counts = list(handle.num_recv_tokens_per_expert_list) or [0] * self.num_local_experts
         rows, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
-        return NormalDispatch(rows, scales, recv_ids, recv_w, counts, handle)
+        return NormalDispatch(rows, scales, recv_ids, recv_w, counts,
+                              ElasticNormalHandle(handle, self.group, self.timeout_s))
 
-    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
-        out, _, _ = self.buffer.combine(y, handle, num_sms=handle.num_sms)
+    def combine(self, y: torch.Tensor, handle: ElasticNormalHandle) -> torch.Tensor:
+        out, _, _ = self.buffer.combine(y, handle.native, num_sms=handle.native.num_sms)
         return out
 
 
-class _LowLatencyState(NamedTuple):
-    handle: Any
-    weights: torch.Tensor   # [rows] float32: the weight of each expanded row
-    end: torch.Tensor       # [E_local] int32: one past the last row of each expert
-    counts: torch.Tensor    # [E_local] int32
-    num_rows: int
+class ElasticLowLatencyHandle:
+    """The elastic low-latency path's dispatch state, plus rtp-llm's view of a legacy low-latency handle
+    ``(src_info, layout_range, N, H, E)`` by index (computed on first read; nobody pays otherwise).
+
+    Attributes:
+        native: DeepEP's ``EPHandle``.
+        weights: float32 ``[rows]``: the routing weight of each expanded row.
+        end / counts: int32 ``[E_local]``: one past the last row of each expert, and its row count.
+        num_rows: expanded rows allocated.
+    """
+
+    __slots__ = ("native", "weights", "end", "counts", "num_rows", "_shape", "_views")
+
+    def __init__(self, native: Any, weights: torch.Tensor, end: torch.Tensor, counts: torch.Tensor, num_rows: int,
+                 shape: tuple[int, int, int, int]) -> None:
+        self.native, self.weights, self.end, self.counts, self.num_rows = native, weights, end, counts, num_rows
+        self._shape = shape  # (ranks, N, hidden, num_experts)
+        self._views: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def __getitem__(self, index: int) -> Any:
+        ranks, capacity, hidden, experts = self._shape
+        if index in (0, 1):
+            if self._views is None:
+                self._views = self._legacy_views()
+            return self._views[index]
+        return (capacity, hidden, experts)[index - 2]
+
+    def _legacy_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``src_info`` int32 ``[E_local, R*N]`` (the token's index in its source rank, -1 past the count) and
+        ``layout_range`` int64 ``[E_local, R]`` (``begin << 32 | count`` of each source rank's slots).
+
+        Reads the handle on the host (a sync). ``layout_range`` needs each expert's rows grouped by source rank,
+        which V2 gives only with ``deterministic=True``; otherwise it raises rather than describe rows wrongly.
+        """
+        ranks, capacity, _, _ = self._shape
+        meta = self.native.recv_src_metadata
+        valid_rows = int(self.native.psum_num_recv_tokens_per_scaleup_rank[-1])
+        meta = meta[:valid_rows].to(torch.int64)
+        slots = meta[:, 2:]
+        taken = slots >= 0
+        slot_src = torch.full((self.num_rows,), -1, dtype=torch.int64, device=meta.device)
+        slot_src[slots[taken]] = meta[:, :1].expand_as(slots)[taken]
+        width = ranks * capacity
+        offsets = torch.arange(width, device=meta.device)
+        start = (self.end.to(torch.int64) - self.counts.to(torch.int64)).unsqueeze(1)
+        inside = offsets.unsqueeze(0) < self.counts.to(torch.int64).unsqueeze(1)
+        src = torch.where(inside, slot_src[(start + offsets).clamp(0, max(self.num_rows - 1, 0))],
+                          torch.full((), -1, dtype=torch.int64, device=meta.device))
+        m = int(self.native.num_max_tokens_per_rank)
+        src_info = torch.where(inside, src % m, torch.full_like(src, -1)).to(torch.int32)
+        src_rank = torch.where(inside, src // m, torch.full_like(src, ranks))
+        grouped = bool(((src_rank[:, 1:] >= src_rank[:, :-1]) | ~inside[:, 1:]).all()) if width > 1 else True
+        if not grouped:
+            raise RuntimeError(
+                "handle[1] (layout_range) has no meaning on this ElasticBuffer: inside an expert V2 interleaves source "
+                "ranks unless built with deterministic=True (set RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC=1); "
+                "handle[0] (src_info) is exact either way")
+        count = torch.zeros((src.shape[0], ranks + 1), dtype=torch.int64, device=meta.device)
+        count.scatter_add_(1, src_rank, torch.ones_like(src_rank))
+        count = count[:, :ranks]
+        begin = torch.cumsum(count, dim=1) - count
+        return src_info, (begin << 32) | count
 
 
 class ElasticLowLatencyPath:
@@ -178,17 +270,18 @@ class ElasticLowLatencyPath:
         host_sync=False, graph_capturable=True, weights=WeightsAppliedBy.PATH)
 
     def __init__(self, buffer: Any, num_experts: int, capacity: int, ranks: int, quantize: Quantizer,
-                 num_sms: int, ops: LayoutOps) -> None:
+                 num_sms: int, ops: LayoutOps, hidden: int = 0) -> None:
         self.buffer, self.num_experts, self.capacity, self.ranks = buffer, num_experts, capacity, ranks
         self.quantize, self.num_sms, self.ops = quantize, num_sms, ops
         self.num_local_experts = num_experts // ranks
+        self._shape = (ranks, capacity, hidden, num_experts)
 
     @classmethod
     def build(cls, ctx: PathContext) -> "ElasticLowLatencyPath":
         assert ctx.capacity is not None, "low-latency buffers always have a capacity"
         check_hidden(ctx)
         return cls(ctx.buffer, ctx.num_experts, ctx.capacity, ctx.num_ranks, ctx.quantize, ctx.num_sms,
-                   layout_ops_for(ctx.device))
+                   layout_ops_for(ctx.device), ctx.hidden)
 
     @property
     def layout_ops(self) -> str:
@@ -212,13 +305,13 @@ class ElasticLowLatencyPath:
             scales = torch.empty((self.num_local_experts, rows_sf.shape[1], slots), dtype=rows_sf.dtype,
                                  device=rows_sf.device).transpose(1, 2)
             self.ops.pack(rows_sf, end, counts, slots, out=scales)
-        state = _LowLatencyState(handle, recv_w, end, counts, rows_x.shape[0])
+        state = ElasticLowLatencyHandle(handle, recv_w, end, counts, rows_x.shape[0], self._shape)
         return LowLatencyDispatch(expert_x, scales, counts, state)
 
-    def combine(self, y: torch.Tensor, state: _LowLatencyState, weights: torch.Tensor,
+    def combine(self, y: torch.Tensor, state: ElasticLowLatencyHandle, weights: torch.Tensor,
                 ids: torch.Tensor) -> torch.Tensor:
         rows = self.ops.unpack(y, state.weights, state.end, state.counts, state.num_rows)
-        out, _, _ = self.buffer.combine(rows, state.handle, num_sms=state.handle.num_sms)
+        out, _, _ = self.buffer.combine(rows, state.native, num_sms=state.native.num_sms)
         return out
 
 
