@@ -24,10 +24,10 @@ def _device_and_backend(provider: str, device: Optional[str]) -> tuple[str, str]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoSpec, run_rank
+    from .demo import DemoSpec, default_tokens, run_rank
     from .launch import spawn
 
-    tokens = args.tokens or tuple([8 + 3 * r for r in range(args.ranks - 1)] + [0])
+    tokens = args.tokens or default_tokens(args.ranks)
     if len(tokens) != args.ranks:
         print(f"--tokens needs {args.ranks} values", file=sys.stderr)
         return 2
@@ -39,15 +39,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"deepep-switch demo: {args.ranks} ranks ({backend} on {kind}), provider={args.provider}, "
           f"tokens per rank={list(tokens)}, hidden={spec.hidden}, experts={spec.num_experts}, top-k={spec.topk}")
     results = spawn(run_rank, args.ranks, args=(spec, kind), backend=backend, env=env, timeout_s=args.timeout)
-    first = results[0]
-    for mode in ("normal", "low_latency"):
-        print(f"\n[{mode} router] decision on rank 0: {first[mode]['decision']}")
+    modes = ("normal", "low_latency")
+    for mode in modes:
+        print(f"\n[{mode} router] decision on rank 0: {results[0][mode]['decision']}")
         for r in results:
             m = r[mode]
-            print(f"  rank {r['rank']}: backend={m['backend']:7} sent={r['tokens']:3d} tokens  "
-                  f"received={m['received_rows']:3d} rows  rel.err vs dense fp32 = {m['relative_error']:.2e}")
-    worst = max(r[m]["relative_error"] for r in results for m in ("normal", "low_latency"))
-    ok = worst <= 1e-2
+            head = (f"  rank {r['rank']}: backend={m['backend']:7} sent={r['tokens']:3d} tokens  "
+                    f"received={m['received_rows']:3d} rows  ")
+            if m["relative_error"] is None:
+                outcome = "checks that an empty batch round-trips" if m["round_trip_ok"] else "output shape MISMATCH"
+                print(head + f"(empty rank: {outcome})")
+            else:
+                print(head + f"rel.err vs dense fp32 = {m['relative_error']:.2e}")
+    errors = [r[m]["relative_error"] for r in results for m in modes if r[m]["relative_error"] is not None]
+    worst = max(errors, default=0.0)
+    ok = worst <= 1e-2 and all(r[m]["round_trip_ok"] for r in results for m in modes)
     print(f"\nresult: {'OK' if ok else 'MISMATCH'} (worst relative error {worst:.2e}, bf16 tolerance 1e-2). "
           "Flip RTP_LLM_DEEPEP_BACKEND=legacy|elastic|auto to switch generations.")
     return 0 if ok else 1
@@ -112,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None)
     demo.add_argument("--backend", choices=["legacy", "elastic", "auto"], default=None,
                       help="override RTP_LLM_DEEPEP_BACKEND for this run")
-    demo.add_argument("--tokens", type=_ints, default=None, help="tokens per rank, comma separated")
+    demo.add_argument("--tokens", type=_ints, default=None,
+                      help="tokens per rank, comma separated (0 = an empty rank); default 8+5*rank")
     demo.add_argument("--hidden", type=int, default=256)
     demo.add_argument("--experts", type=int, default=8)
     demo.add_argument("--topk", type=int, default=2)

@@ -17,6 +17,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           timeout=240, env=full_env)
 
 
+def rank_lines(out: str, rank: int) -> list[str]:
+    return [line for line in out.splitlines() if line.strip().startswith(f"rank {rank}:")]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", ["legacy", "elastic", "definitely-not-a-backend"])
 def test_demo_runs_on_the_cpu_default_and_prints_the_decision(backend):
@@ -26,6 +30,11 @@ def test_demo_runs_on_the_cpu_default_and_prints_the_decision(backend):
     resolved = "elastic" if backend == "elastic" else "legacy"
     assert "provider=reference" in out and f"resolved={resolved}" in out
     assert out.count(f"backend={resolved}") == 4  # 2 ranks x 2 routers
+    assert "tokens per rank=[8, 13]" in out  # every rank sends tokens by default
+    for rank in (0, 1):
+        lines = rank_lines(out, rank)
+        assert len(lines) == 2 and all("rel.err vs dense fp32" in line for line in lines), out
+    assert "empty rank" not in out
     assert "result: OK" in out
     if backend.startswith("definitely"):
         assert "'definitely-not-a-backend'" in out  # named in the decision's reasons
@@ -35,7 +44,23 @@ def test_demo_runs_on_the_cpu_default_and_prints_the_decision(backend):
 def test_demo_four_ranks_auto():
     proc = run_cli("demo", "--ranks", "4", "--backend", "auto", "--experts", "16", "--topk", "4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "resolved=elastic" in proc.stdout and proc.stdout.count("rank 3:") == 2
+    assert "resolved=elastic" in proc.stdout and "tokens per rank=[8, 13, 18, 23]" in proc.stdout
+    lines = rank_lines(proc.stdout, 3)
+    assert len(lines) == 2 and all("sent= 23 tokens" in line and "rel.err" in line for line in lines)
+
+
+@pytest.mark.timeout(300)
+def test_demo_empty_rank_gets_its_own_line():
+    proc = run_cli("demo", "--tokens", "8,0", "--backend", "elastic")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "tokens per rank=[8, 0]" in proc.stdout
+    empty = rank_lines(proc.stdout, 1)
+    assert len(empty) == 2, proc.stdout
+    for line in empty:
+        assert "sent=  0 tokens" in line and "(empty rank: checks that an empty batch round-trips)" in line
+        assert "rel.err" not in line
+    assert all("rel.err" in line for line in rank_lines(proc.stdout, 0))
+    assert "result: OK" in proc.stdout
 
 
 def test_doctor_reports_preflight_as_json():
