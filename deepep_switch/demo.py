@@ -16,8 +16,13 @@ from typing import Any, Optional
 import torch
 
 from .config import DeepepWrapperConfig
+from .settings import ProviderChoice
 
 logger = logging.getLogger("deepep_switch.demo")
+
+# The demo's default hidden size per provider: the reference providers take any multiple of 128, real DeepEP's
+# legacy low-latency kernels are compiled for a fixed list of sizes (routers.low_latency.LEGACY_LL_HIDDEN).
+DEFAULT_HIDDEN = {ProviderChoice.REFERENCE: 256, ProviderChoice.DEEP_EP: 2048}
 
 
 def default_tokens(ranks: int) -> tuple[int, ...]:

@@ -1,13 +1,17 @@
-"""The command line: the README's demo, doctor, and a CPU smoke run of bench."""
+"""The command line: the README's demo, doctor, a CPU smoke run of bench, and every user error as one line with
+the right exit code (2: bad arguments, 1: cannot run here), checked before any rank is spawned."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
+import torch
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -15,6 +19,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "deepep_switch.cli", *args], capture_output=True, text=True,
                           timeout=240, env=full_env)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    """The CLI failed with ``code`` and said so in exactly one stderr line, with no traceback; returns the line."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("deepep-switch: error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def deep_ep_importable() -> bool:
+    from deepep_switch.providers import provider_importable
+    from deepep_switch.settings import ProviderChoice
+
+    return provider_importable(ProviderChoice.DEEP_EP)
 
 
 def rank_lines(out: str, rank: int) -> list[str]:
@@ -50,10 +71,11 @@ def test_demo_four_ranks_auto():
 
 
 @pytest.mark.timeout(300)
-def test_demo_empty_rank_gets_its_own_line():
-    proc = run_cli("demo", "--tokens", "8,0", "--backend", "elastic")
+def test_demo_empty_rank_gets_its_own_line_and_provider_flag_beats_environment():
+    proc = run_cli("demo", "--provider", "reference", "--tokens", "8,0", "--backend", "elastic",
+                   env={"DEEPEP_SWITCH_PROVIDER": "deep_ep"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "tokens per rank=[8, 0]" in proc.stdout
+    assert "provider=reference" in proc.stdout and "tokens per rank=[8, 0]" in proc.stdout
     empty = rank_lines(proc.stdout, 1)
     assert len(empty) == 2, proc.stdout
     for line in empty:
@@ -61,6 +83,92 @@ def test_demo_empty_rank_gets_its_own_line():
         assert "rel.err" not in line
     assert all("rel.err" in line for line in rank_lines(proc.stdout, 0))
     assert "result: OK" in proc.stdout
+
+
+def test_demo_takes_the_provider_from_the_environment():
+    proc = run_cli("demo", "--ranks", "2", env={"DEEPEP_SWITCH_PROVIDER": "deep_ep"})
+    if deep_ep_importable() and torch.cuda.device_count() >= 2:  # a GPU node: the demo runs on real DeepEP
+        assert proc.returncode == 0 and "provider=deep_ep" in proc.stdout, proc.stdout + proc.stderr
+        return
+    line = assert_one_error_line(proc, 1, "the deep_ep provider cannot run here", "use --provider reference")
+    assert ("deep_ep_import" in line) != deep_ep_importable() or "cuda_device" in line
+    assert proc.stdout == ""  # nothing was spawned
+
+
+def test_demo_rejects_a_malformed_provider_in_the_environment():
+    assert_one_error_line(run_cli("demo", env={"DEEPEP_SWITCH_PROVIDER": "nope"}), 2,
+                          "DEEPEP_SWITCH_PROVIDER='nope' is invalid", "--provider")
+
+
+USAGE_ERRORS = [
+    (("demo", "--ranks", "0"), "argument --ranks: must be >= 1, got 0"),
+    (("demo", "--hidden", "100"), "hidden_size=100 must be a positive multiple of 128"),
+    (("demo", "--tokens", "8"), "--tokens has 1 value but --ranks is 2"),
+    (("demo", "--tokens=8,-1"), "argument --tokens: must be >= 0, got -1"),
+    (("demo", "--tokens", "0,0"), "at least one rank must send tokens"),
+    (("demo", "--ranks", "4", "--experts", "6"), "expert_num=6 must be a positive multiple of ep_size=4"),
+    (("demo", "--topk", "9"), "moe_k=9 must be in [1, min(32, expert_num)]"),
+    (("demo", "--ranks", "1"), "legacy normal mode has no DeepEP config for ep_size=1"),
+    (("demo", "--provider", "deep_ep", "--device", "cpu"), "--provider deep_ep runs on CUDA GPUs only"),
+    (("bench", "--provider", "reference", "--iters", "0"), "argument --iters: must be >= 1, got 0"),
+    (("bench", "--provider", "reference", "--warmup", "-1"), "argument --warmup: must be >= 0, got -1"),
+    (("bench", "--provider", "reference", "--backends", "legacy,nope"), "each backend must be one of"),
+    (("bench", "--provider", "reference", "--json", "{tmp}/missing/out.json"), "does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_errors_are_one_line_and_exit_2_before_any_work(args, fragment, tmp_path):
+    proc = run_cli(*(a.replace("{tmp}", str(tmp_path)) for a in args))
+    assert_one_error_line(proc, 2, fragment)
+    assert proc.stdout == ""  # nothing ran: the bench/demo header is printed only once the checks passed
+
+
+def test_bench_json_in_an_unwritable_directory_is_refused_before_the_run(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    directory = next((d for d in (str(locked), "/sys") if not _can_create_in(d)), None)  # root writes anywhere
+    if directory is None:
+        pytest.skip("no directory this user cannot write to (root, and /sys is writable)")
+    proc = run_cli("bench", "--provider", "reference", "--json", os.path.join(directory, "out.json"))
+    assert_one_error_line(proc, 2, "argument --json: cannot write")
+    assert proc.stdout == ""
+
+
+def _can_create_in(directory: str) -> bool:
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def test_more_ranks_than_gpus_cannot_run():
+    ranks = torch.cuda.device_count() + 1
+    proc = run_cli("demo", "--device", "cuda", "--ranks", str(ranks), "--experts", str(2 * ranks))
+    assert_one_error_line(proc, 1, f"--ranks {ranks} needs {ranks} CUDA GPUs")
+    assert proc.stdout == ""
+
+
+@pytest.mark.gpu
+def test_demo_on_deep_ep_checks_the_routers_limits_before_spawning():
+    proc = run_cli("demo", "--provider", "deep_ep", "--backend", "elastic", "--hidden", "384")
+    line = assert_one_error_line(proc, 2)
+    assert "hidden % 256" in line or "hidden 384 not in" in line  # elastic, or legacy after an elastic fallback
+    assert proc.stdout == ""
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_rank_is_one_line_naming_it_and_debug_shows_the_traceback():
+    # A 1-token elastic capacity from the environment: each rank's first prepare raises ValueError.
+    env = {"RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK": "1"}
+    args = ("demo", "--backend", "elastic", "--tokens", "4,4", "--timeout", "60")
+    line = assert_one_error_line(run_cli(*args, env=env), 1,
+                                 "failed: ValueError: 4 tokens per rank exceed the buffer capacity of 1")
+    assert re.search(r"error: ranks? [01]", line) and "Traceback" not in line
+    debug = run_cli("--debug", *args, env=env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "LaunchError" in debug.stderr
+    assert "rank 0 failed:" in debug.stderr or "rank 1 failed:" in debug.stderr
 
 
 def test_doctor_reports_preflight_as_json():
@@ -74,6 +182,13 @@ def test_doctor_explains_missing_deep_ep():
     proc = run_cli("doctor", env={"RTP_LLM_DEEPEP_BACKEND": "auto"})
     assert proc.returncode == 0, proc.stderr
     assert "deep_ep_import" in proc.stdout and ("FAIL" in proc.stdout or "pass" in proc.stdout)
+
+
+def test_doctor_strict_mode_error_is_one_line():
+    proc = run_cli("doctor", env={"DEEPEP_SWITCH_PROVIDER": "reference", "RTP_LLM_DEEPEP_STRICT": "1",
+                                  "RTP_LLM_DEEPEP_NUM_SMS": "abc"})
+    assert_one_error_line(proc, 1, "cannot pick a backend (strict mode)", "RTP_LLM_DEEPEP_NUM_SMS='abc'")
+    assert proc.stdout == ""
 
 
 @pytest.mark.timeout(300)
