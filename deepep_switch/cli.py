@@ -164,14 +164,19 @@ def _decide(loaded: LoadedSettings, internode: bool = False) -> BackendDecision:
         raise CannotRunError(f"{exc}{problems}") from exc
 
 
-def _cannot_run(decision: BackendDecision, reference_hint: str) -> Optional[str]:
-    """Why the decision cannot run here and what to do, or None."""
+def _cannot_run(decision: BackendDecision, reference_hint: str, *, need_requested: bool) -> Optional[str]:
+    """Why the decision cannot run here and what to do, or None. ``need_requested``: a fallback from the
+    requested backend (a failed elastic preflight check) counts too."""
     report, provider = decision.preflight, decision.settings.provider
     if not decision.runnable:
         text = f"the {provider.value} provider cannot run here: {report.summary(decision.resolved)}"
         if provider is ProviderChoice.DEEP_EP:
             text += f". Without GPUs or DeepEP, use {reference_hint} (the pure-PyTorch providers)"
         return text
+    if need_requested and decision.resolved is not decision.requested:
+        return (f"{decision.requested_mode.value} was requested but this host resolves "
+                f"{decision.resolved.value}: {report.summary(decision.requested)}. Fix the failed checks, or set "
+                f"{env_name('backend_raw')}=legacy")
     return None
 
 
@@ -212,7 +217,7 @@ def _check_can_run(provider: ProviderChoice, backend: Optional[str], kind: str, 
     if backend:
         overrides["backend_raw"] = backend
     decision = _decide(load_settings(**overrides))
-    problem = _cannot_run(decision, "--provider reference")
+    problem = _cannot_run(decision, "--provider reference", need_requested=False)
     if problem:
         raise CannotRunError(problem)
     gpus = decision.preflight.gpu_count
@@ -269,22 +274,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Print the settings, preflight checks and decision."""
+    """Print the settings, preflight checks and decision; 1 when the requested backend cannot run here."""
     loaded = get_settings()
     decision = _decide(loaded, internode=args.internode)
     if args.json:
-        print(decision.model_dump_json(indent=2))
-        return EXIT_OK
-    print("settings:", loaded.settings.model_dump_json())
-    for problem in loaded.problems:
-        print("  problem:", problem)
-    report = decision.preflight
-    print(f"preflight (provider={report.provider.value}): deep_ep={report.deep_ep_version} "
-          f"nccl runtime={report.nccl_runtime_version} build={report.nccl_build_version} gpus={report.gpu_count}")
-    for check in report.checks:
-        gates = ",".join(b.value for b in check.gates) or "advisory"
-        print(f"  [{'pass' if check.passed else 'FAIL'}] {check.name:18} ({gates}) {check.detail}")
-    print("decision:", decision.describe())
+        # warnings=False: decision.py stores the agreed knobs as ints in SwitchSettings' bool fields (they serialise
+        # as 1/0 either way); pydantic would print one serializer warning per knob on stderr.
+        print(decision.model_dump_json(indent=2, warnings=False))
+    else:
+        print("settings:", loaded.settings.model_dump_json())
+        for problem in loaded.problems:
+            print("  problem:", problem)
+        report = decision.preflight
+        print(f"preflight (provider={report.provider.value}): deep_ep={report.deep_ep_version} "
+              f"nccl runtime={report.nccl_runtime_version} build={report.nccl_build_version} gpus={report.gpu_count}")
+        for check in report.checks:
+            gates = ",".join(b.value for b in check.gates) or "advisory"
+            print(f"  [{'pass' if check.passed else 'FAIL'}] {check.name:18} ({gates}) {check.detail}")
+        print("decision:", decision.describe())
+    problem = _cannot_run(decision, f"{env_name('provider')}=reference", need_requested=True)
+    if problem:
+        raise CannotRunError(problem)
     return EXIT_OK
 
 
@@ -353,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=seconds, default=180.0)
     demo.set_defaults(func=cmd_demo)
 
-    doctor = sub.add_parser("doctor", help="show settings, preflight checks and the single-process decision")
+    doctor = sub.add_parser("doctor", help="show settings, preflight checks and the single-process decision; "
+                                           "exit 1 when the requested backend cannot run here")
     doctor.add_argument("--internode", action="store_true")
     doctor.add_argument("--json", action="store_true")
     doctor.set_defaults(func=cmd_doctor)
