@@ -84,7 +84,8 @@ def _quant(spec: BenchSpec) -> Quant:
     return Quant.FP8_BLOCK if spec.use_fp8 else Quant.NONE
 
 
-def _config(rank: int, world: int, spec: BenchSpec, tokens: int, low_latency: bool):
+def bench_config(rank: int, world: int, spec: BenchSpec, tokens: int, low_latency: bool) -> Any:
+    """The wrapper config bench builds for one (tokens, mode) row (the CLI validates exactly these)."""
     from .testing import layer_config
 
     return layer_config(rank, world, hidden=spec.hidden, experts=spec.num_experts, topk=spec.topk, capacity=tokens,
@@ -203,7 +204,7 @@ def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool) -> list[dict[
         for low_latency, token_list in ((False, spec.normal_tokens), (True, spec.low_latency_tokens)):
             for tokens in token_list:
                 free_before = torch.cuda.mem_get_info()[0] if cuda else 0
-                wrapper = DeepEPWrapper.create(_config(rank, world, spec, tokens, low_latency), settings=settings)
+                wrapper = DeepEPWrapper.create(bench_config(rank, world, spec, tokens, low_latency), settings=settings)
                 try:
                     used = free_before - torch.cuda.mem_get_info()[0] if cuda else 0
                     x, ids, w = _inputs(rank, tokens, spec, device)

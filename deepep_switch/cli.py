@@ -20,7 +20,6 @@ import tempfile
 import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
-from .backend import Backend
 from .config import DeepEPMode, DeepepWrapperConfig
 from .decision import BackendDecision, BackendUnavailableError, resolve_backend
 from .launch import LaunchError
@@ -181,29 +180,32 @@ def _cannot_run(decision: BackendDecision, reference_hint: str, *, need_requeste
 
 
 def _check_backend_limits(decision: BackendDecision, configs: Sequence[DeepepWrapperConfig]) -> None:
-    """What the resolved backend needs of these layers: DeepEP's legacy configs and hints for the rank count and
-    shapes, and, on real DeepEP, the routers' kernel limits (hidden sizes, top-k, tokens per rank)."""
-    from routers.base import check_elastic_hidden
-    from routers.low_latency import LegacyLowLatencyPath
+    """What the resolved generation needs of these layers, asked of its registry entry: its router paths' limits
+    (built over no buffer: hidden sizes, top-k, tokens per rank on real DeepEP) and, for the fallback (legacy),
+    its sizing plan, which needs no process group (DeepEP's legacy configs exist only for some rank counts)."""
+    import torch
 
-    from .providers import load_provider
-    from .sizing import plan_legacy
+    from .backends import FALLBACK, PathContext, get_spec
+    from .quant import quantizer_for
 
-    provider = load_provider(decision.settings.provider)
-    real_deep_ep = decision.settings.provider is ProviderChoice.DEEP_EP
+    spec = get_spec(decision.resolved)
+    provider = decision.settings.provider
+    real_deep_ep = provider is ProviderChoice.DEEP_EP
     for config in configs:
+        low_latency = config.mode is DeepEPMode.LOW_LATENCY
+        ctx = PathContext(
+            buffer=None, real_deep_ep=real_deep_ep, num_experts=config.expert_num,
+            num_local_experts=config.expert_num // config.ep_size, num_ranks=config.ep_size, num_topk=config.moe_k,
+            hidden=config.hidden_size, capacity=config.ll_num_max_token_per_rank if low_latency else None,
+            expert_alignment=1, quant=config.quant, quantize=quantizer_for(config.quant, torch.device("cpu"))[1],
+            num_sms=decision.settings.num_sms, device=torch.device("cpu"), group=None,
+            timeout_s=decision.settings.consensus_timeout_s)
         try:
-            if decision.resolved is Backend.LEGACY:
-                plan_legacy(provider, config, decision.settings)
-                if real_deep_ep and config.mode is DeepEPMode.LOW_LATENCY:
-                    LegacyLowLatencyPath.check_limits(config.hidden_size, config.moe_k,
-                                                      config.ll_num_max_token_per_rank, config.ep_size,
-                                                      config.use_fp8_dispatch)
-            elif real_deep_ep:
-                check_elastic_hidden(config.hidden_size)
+            (spec.low_latency_path if low_latency else spec.normal_path).build(ctx)
+            if spec.backend is FALLBACK:
+                spec.plan(spec.buffer_class(provider), None, config, decision.settings)
         except ValueError as exc:
-            raise UsageError(f"{decision.resolved.value} on {decision.settings.provider.value} cannot run this "
-                             f"layer: {exc}") from exc
+            raise UsageError(f"{decision.resolved.value} on {provider.value} cannot run this layer: {exc}") from exc
 
 
 def _check_can_run(provider: ProviderChoice, backend: Optional[str], kind: str, ranks: int,
@@ -302,7 +304,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Time raw DeepEP against the routers; print the table and optionally write it as JSON."""
     import torch
 
-    from .bench import BenchSpec, _config, bench_rank, format_table, summarise
+    from .bench import BenchSpec, bench_config, bench_rank, format_table, summarise
     from .launch import spawn
 
     provider = _provider(args.provider, ProviderChoice.DEEP_EP)
@@ -310,7 +312,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec = BenchSpec(normal_tokens=args.tokens, low_latency_tokens=args.ll_tokens, hidden=args.hidden,
                      num_experts=args.experts, topk=args.topk, iters=args.iters, warmup=args.warmup,
                      backends=args.backends, use_fp8=args.fp8, profile_path=args.profile)
-    configs = [_config(0, args.ranks, spec, tokens, low_latency)
+    configs = [bench_config(0, args.ranks, spec, tokens, low_latency)
                for low_latency, token_list in ((False, spec.normal_tokens), (True, spec.low_latency_tokens))
                for tokens in token_list]
     for backend in spec.backends:
