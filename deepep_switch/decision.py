@@ -29,7 +29,8 @@ from .backend import Backend
 from .backends import registry
 from .consensus import all_gather_ints, group_size_and_rank
 from .preflight import PreflightReport, Probe, check_names, run_preflight
-from .settings import BackendChoice, LoadedSettings, ProviderChoice, SwitchSettings, backend_choices, env_name, get_settings
+from .settings import (BACKEND_ENV, BackendChoice, LoadedSettings, ProviderChoice, SwitchSettings, backend_choices,
+                       env_name, get_settings)
 
 logger = logging.getLogger("deepep_switch.decision")
 
@@ -76,12 +77,14 @@ class Vote:
     fail_masks: tuple[int, ...] = (0,) * registry.MAX_BACKENDS
 
     @classmethod
-    def local(cls, loaded: LoadedSettings, report: PreflightReport) -> "Vote":
+    def local(cls, loaded: LoadedSettings, report: PreflightReport, low_latency: Optional[bool] = None) -> "Vote":
+        """This rank's vote for a buffer of one mode (``low_latency`` True/False; None: RTP_LLM_DEEPEP_BACKEND)."""
         s = loaded.settings
+        choice, problem = s.backend_for(low_latency)
         masks = [report.failure_mask(spec.backend) for spec in registry.registered()]
         return cls(
-            provider=_PROVIDERS.index(s.provider), mode=backend_choices().index(s.backend), strict=int(s.strict),
-            unknown_backend=int(loaded.backend_problem is not None), knob_problems=len(loaded.knob_problems),
+            provider=_PROVIDERS.index(s.provider), mode=backend_choices().index(choice), strict=int(s.strict),
+            unknown_backend=int(problem is not None), knob_problems=len(loaded.knob_problems),
             registry=registry.digest(), **{k: int(getattr(s, k)) for k in AGREED_KNOBS},
             fail_masks=tuple(masks + [0] * (registry.MAX_BACKENDS - len(masks))),
         )
@@ -128,7 +131,9 @@ class BackendDecision(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     requested: Backend = Field(description="the generation asked for; for auto, the best one auto tries")
-    requested_mode: BackendChoice = Field(description="the parsed RTP_LLM_DEEPEP_BACKEND (a generation, or auto)")
+    requested_mode: BackendChoice = Field(description="the parsed request (a generation, or auto)")
+    request_env: str = Field(default=BACKEND_ENV, description="the variable the request came from (a per-mode "
+                                                                "override, or RTP_LLM_DEEPEP_BACKEND)")
     resolved: Backend
     runnable: bool = Field(description="the resolved backend passed preflight on every rank")
     reasons: list[str]
@@ -141,7 +146,8 @@ class BackendDecision(BaseModel):
 
     def describe(self) -> str:
         """One line for logs and the CLI."""
-        text = (f"requested={self.requested_mode.value} resolved={self.resolved.value} "
+        source = "" if self.request_env == BACKEND_ENV else f" (from {self.request_env})"
+        text = (f"requested={self.requested_mode.value}{source} resolved={self.resolved.value} "
                 f"provider={self.settings.provider.value} strict={self.strict}")
         if self.buffer_bytes:
             text += " buffer_bytes=" + ",".join(f"{k}:{v}" for k, v in self.buffer_bytes.items())
@@ -170,8 +176,11 @@ def auto_candidates() -> list[Backend]:
     return [s.backend for s in sorted(specs, key=lambda s: -s.auto_priority)]
 
 
-def agree(table: list[Vote]) -> Agreement:
-    """Resolve the backend from every rank's vote. Pure: same table, same answer, on every rank."""
+def agree(table: list[Vote], request_env: str = BACKEND_ENV) -> Agreement:
+    """Resolve the backend from every rank's vote. Pure: same table, same answer, on every rank.
+
+    ``request_env`` names the variable the votes' requests came from (a per-mode override or
+    RTP_LLM_DEEPEP_BACKEND), for the reasons and errors."""
     strict = any(v.strict for v in table)
     reasons: list[str] = []
     errors: list[str] = []
@@ -197,7 +206,7 @@ def agree(table: list[Vote]) -> Agreement:
         errors.append(f"malformed RTP_LLM_DEEPEP_* settings on ranks {bad_settings} (see their warnings)")
     unknown = [r for r, v in enumerate(table) if v.unknown_backend]
     if strict and unknown:
-        errors.append(f"{env_name('backend_raw')} is not a known backend on ranks {unknown} (see their warnings; "
+        errors.append(f"{request_env} is not a known backend on ranks {unknown} (see their warnings; "
                       f"accepted: {', '.join(c.value for c in choices)})")
 
     knobs: dict[str, int] = {}
@@ -218,7 +227,7 @@ def agree(table: list[Vote]) -> Agreement:
     resolved = fallback
     if len(modes) > 1:
         disagreements["backend"] = {choices[m].value: r for m, r in modes.items()}
-        message = (f"ranks disagree on {env_name('backend_raw')} {disagreements['backend']}: "
+        message = (f"ranks disagree on {request_env} {disagreements['backend']}: "
                    f"every rank uses {fallback.value}")
         reasons.append(message)
         if strict:
@@ -227,7 +236,7 @@ def agree(table: list[Vote]) -> Agreement:
         mode = choices[next(iter(modes))]
         wanted = auto_candidates() if mode is BackendChoice.AUTO else [Backend(mode.value)]
         if wanted == [fallback]:
-            reasons.append(f"{env_name('backend_raw')} is {fallback.value} (or unset)")
+            reasons.append(f"{request_env} is {fallback.value} (or unset)")
         elif not wanted:
             reasons.append(f"auto requested but no generation other than {fallback.value} is registered")
         for candidate in wanted:
@@ -263,7 +272,7 @@ def agree(table: list[Vote]) -> Agreement:
 
 def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Optional[LoadedSettings] = None,
                     preflight: Optional[PreflightReport] = None, probe: Optional[Probe] = None,
-                    internode: bool = False) -> BackendDecision:
+                    internode: bool = False, low_latency: Optional[bool] = None) -> BackendDecision:
     """Decide which DeepEP generation this process runs, agreed with every rank of ``group``.
 
     Args:
@@ -273,6 +282,8 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
         preflight: a preflight report to use instead of probing this host (tests).
         probe: how to probe the host when ``preflight`` is None.
         internode: whether the EP group spans nodes (affects the GIN check).
+        low_latency: decide for a low-latency (True) or normal (False) buffer, honouring
+            ``RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY`` / ``RTP_LLM_DEEPEP_BACKEND_NORMAL``; None: RTP_LLM_DEEPEP_BACKEND.
 
     Returns:
         The decision. Raises :class:`BackendUnavailableError` on every rank together when strict mode forbids
@@ -280,14 +291,16 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
     """
     loaded = settings or get_settings()
     report = preflight or run_preflight(loaded.settings, probe, internode=internode)
-    vote = Vote.local(loaded, report)
+    vote = Vote.local(loaded, report, low_latency)
+    request_env, _ = loaded.settings.backend_source(low_latency)
+    choice, problem = loaded.settings.backend_for(low_latency)
     world, rank = group_size_and_rank(group)
     rows = all_gather_ints(vote.to_ints(), group, loaded.settings.consensus_timeout_s, what="backend decision")
     table = [Vote.from_ints(row) for row in rows]
-    agreement = agree(table)
+    agreement = agree(table, request_env)
 
     for setting, by_value in agreement.disagreements.items():
-        name = env_name("backend_raw" if setting == "backend" else setting)
+        name = request_env if setting == "backend" else env_name(setting)
         logger.warning("deepep-switch rank %d/%d: ranks disagree on %s: %s", rank, world, name, by_value)
     if agreement.error:
         logger.error("deepep-switch rank %d/%d: %s", rank, world, agreement.error)
@@ -299,9 +312,9 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
             world_size=world, rank=rank, votes=[_vote_row(v) for v in table],
             agreed=not agreement.disagreements, disagreements=agreement.disagreements)
     decision = BackendDecision(
-        requested=_requested(loaded.settings.backend),
-        requested_mode=loaded.settings.backend, resolved=agreement.resolved, runnable=agreement.runnable,
-        reasons=([loaded.backend_problem] if loaded.backend_problem else []) + agreement.reasons,
+        requested=_requested(choice), requested_mode=choice, request_env=request_env,
+        resolved=agreement.resolved, runnable=agreement.runnable,
+        reasons=([problem] if problem else []) + agreement.reasons,
         strict=agreement.strict, settings=_with_knobs(loaded.settings, agreement.knobs),
         preflight=report, consensus=consensus,
     )

@@ -27,6 +27,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 logger = logging.getLogger("deepep_switch.settings")
 
 BACKEND_ENV = "RTP_LLM_DEEPEP_BACKEND"
+BACKEND_NORMAL_ENV = "RTP_LLM_DEEPEP_BACKEND_NORMAL"
+BACKEND_LOW_LATENCY_ENV = "RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY"
 PROVIDER_ENV = "DEEPEP_SWITCH_PROVIDER"
 _ENV_PREFIX = "RTP_LLM_DEEPEP_"
 
@@ -95,6 +97,16 @@ class SwitchSettings(BaseSettings):
         description="Raw RTP_LLM_DEEPEP_BACKEND: legacy (default), elastic, another registered generation, or "
                     "auto. Parsed by `backend`.",
     )
+    backend_normal_raw: str = Field(
+        default="",
+        validation_alias=AliasChoices("backend_normal_raw", BACKEND_NORMAL_ENV),
+        description="RTP_LLM_DEEPEP_BACKEND for normal (prefill) buffers only; empty = RTP_LLM_DEEPEP_BACKEND.",
+    )
+    backend_low_latency_raw: str = Field(
+        default="",
+        validation_alias=AliasChoices("backend_low_latency_raw", BACKEND_LOW_LATENCY_ENV),
+        description="RTP_LLM_DEEPEP_BACKEND for low-latency (decode) buffers only; empty = RTP_LLM_DEEPEP_BACKEND.",
+    )
     strict: bool = Field(
         default=False,
         description="Raise instead of falling back when the requested backend cannot be used.",
@@ -160,6 +172,24 @@ class SwitchSettings(BaseSettings):
         """Why ``backend_raw`` was not accepted, or None."""
         return parse_backend(self.backend_raw)[1]
 
+    def backend_source(self, low_latency: Optional[bool]) -> tuple[str, str]:
+        """``(variable, raw value)`` that decides the backend of a buffer: the per-mode override when it is set
+        (``low_latency`` True/False), else ``RTP_LLM_DEEPEP_BACKEND`` (also for ``low_latency=None``)."""
+        if low_latency is not None:
+            env, raw = ((BACKEND_LOW_LATENCY_ENV, self.backend_low_latency_raw) if low_latency
+                        else (BACKEND_NORMAL_ENV, self.backend_normal_raw))
+            if raw.strip():
+                return env, raw
+        return BACKEND_ENV, self.backend_raw
+
+    def backend_for(self, low_latency: Optional[bool]) -> tuple[BackendChoice, Optional[str]]:
+        """The parsed request for one mode's buffer and, for an unknown value, the sentence saying so."""
+        env, raw = self.backend_source(low_latency)
+        choice, problem = parse_backend(raw)
+        if problem is not None and env != BACKEND_ENV:
+            problem = problem.replace(BACKEND_ENV, env, 1)
+        return choice, problem
+
 
 def env_name(field: str) -> str:
     """The environment variable that sets ``field``."""
@@ -183,11 +213,13 @@ class LoadedSettings:
         self.settings = settings
         self.knob_problems = knob_problems
         self.backend_problem = settings.backend_problem
+        self.mode_backend_problems = [p for p in (settings.backend_for(ll)[1] for ll in (False, True)
+                                                  if settings.backend_source(ll)[0] != BACKEND_ENV) if p]
 
     @property
     def problems(self) -> list[str]:
-        """Every problem, the backend one first."""
-        return ([self.backend_problem] if self.backend_problem else []) + self.knob_problems
+        """Every problem, the backend ones first."""
+        return ([self.backend_problem] if self.backend_problem else []) + self.mode_backend_problems + self.knob_problems
 
 
 def load_settings(**overrides: Any) -> LoadedSettings:

@@ -49,7 +49,8 @@ class DeepEPWrapper:
         self._group = group
         self._config = config
         self._mode = config.mode
-        decision = resolve_backend(group, settings=settings, internode=config.use_deepep_internode)
+        decision = resolve_backend(group, settings=settings, internode=config.use_deepep_internode,
+                                   low_latency=config.mode is DeepEPMode.LOW_LATENCY)
         if not decision.runnable:
             raise RuntimeError(f"DeepEP cannot run here: {decision.describe()}")
         self._provider: ProviderChoice = decision.settings.provider

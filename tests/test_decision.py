@@ -165,3 +165,36 @@ def test_four_ranks_with_skewed_environments_agree_without_hanging():
     for rank, r in enumerate(results[:3]):
         kind, waited = r["late"]
         assert kind == "ConsensusTimeout" and 1.5 < waited < 10, (rank, r["late"])
+
+
+def _per_mode_worker(rank: int, world: int, env: dict) -> list:
+    out = []
+    for low_latency in (False, True):
+        loaded = settings_from_env(**env)
+        try:
+            d = resolve_backend(settings=loaded, low_latency=low_latency)
+            out.append((d.resolved.value, d.request_env, d.describe()))
+        except BackendUnavailableError as exc:
+            out.append(("raised", str(exc), ""))
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_per_mode_backends_are_agreed_per_mode():
+    # elastic prefill + legacy decode (the documented split), then one rank's override differing.
+    env = {"RTP_LLM_DEEPEP_BACKEND_NORMAL": "elastic", "RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY": "legacy"}
+    for r in spawn(_per_mode_worker, 2, args=(env,), env={"DEEPEP_SWITCH_PROVIDER": "reference"}, timeout_s=90):
+        assert r[0][:2] == ("elastic", "RTP_LLM_DEEPEP_BACKEND_NORMAL") and "(from RTP_LLM_DEEPEP_BACKEND_NORMAL)" in r[0][2]
+        assert r[1][:2] == ("legacy", "RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY")
+
+
+def _skewed_override_worker(rank: int, world: int) -> list:
+    env = {"RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY": "elastic" if rank == 0 else "", "RTP_LLM_DEEPEP_STRICT": "1"}
+    return _per_mode_worker(rank, world, env)
+
+
+@pytest.mark.timeout(120)
+def test_one_ranks_per_mode_override_is_an_error_in_strict_mode_on_every_rank():
+    for r in spawn(_skewed_override_worker, 2, env={"DEEPEP_SWITCH_PROVIDER": "reference"}, timeout_s=90):
+        assert r[0][0] == "legacy"  # normal buffers: nobody overrides, legacy everywhere
+        assert r[1][0] == "raised" and "ranks disagree" in r[1][1], r

@@ -138,3 +138,33 @@ def test_every_setting_is_documented():
     doc = (pathlib.Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     for field in SwitchSettings.model_fields:
         assert f"`{env_name(field)}`" in doc, f"{env_name(field)} missing from docs/configuration.md"
+
+
+@pytest.mark.parametrize("normal,low_latency,expected", [
+    ("", "", ("legacy", "legacy")),
+    ("elastic", "", ("elastic", "legacy")),
+    ("", " ELASTIC ", ("legacy", "elastic")),
+    ("elastic", "legacy", ("elastic", "legacy")),
+])
+def test_per_mode_backend_overrides(monkeypatch, normal, low_latency, expected):
+    from deepep_switch.settings import load_settings
+
+    monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", "legacy")
+    monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND_NORMAL", normal)
+    monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY", low_latency)
+    s = load_settings().settings
+    assert (s.backend_for(False)[0].value, s.backend_for(True)[0].value) == expected
+    assert s.backend_for(None)[0].value == "legacy"
+
+
+def test_unknown_per_mode_value_names_its_variable(monkeypatch, caplog):
+    from deepep_switch.settings import load_settings
+
+    monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY", "elastc")
+    with caplog.at_level("WARNING", logger="deepep_switch.settings"):
+        loaded = load_settings()
+    choice, problem = loaded.settings.backend_for(True)
+    assert choice.value == "legacy" and "RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY='elastc'" in problem
+    assert [r.getMessage() for r in caplog.records if "elastc" in r.getMessage()] == [
+        f"deepep-switch settings: {problem}"]
+    assert loaded.settings.backend_for(False) == (loaded.settings.backend, None)
