@@ -282,7 +282,7 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
     report = preflight or run_preflight(loaded.settings, probe, internode=internode)
     vote = Vote.local(loaded, report)
     world, rank = group_size_and_rank(group)
-    rows = all_gather_ints(vote.to_ints(), group, loaded.settings.consensus_timeout_s, what="backend decision")
+    rows = all_gather_ints(vote.to_ints(), group, loaded.settings.consensus_deadline_s, what="backend decision")
     table = [Vote.from_ints(row) for row in rows]
     agreement = agree(table)
 

@@ -30,6 +30,10 @@ BACKEND_ENV = "RTP_LLM_DEEPEP_BACKEND"
 PROVIDER_ENV = "DEEPEP_SWITCH_PROVIDER"
 _ENV_PREFIX = "RTP_LLM_DEEPEP_"
 
+DEFAULT_TIMEOUT_S = 60.0
+"""Default deadline, in seconds, on every wait for peer ranks (``RTP_LLM_DEEPEP_TIMEOUT_S``)."""
+MAX_TIMEOUT_S = 300.0
+
 
 class BackendChoice(str, Enum):
     """What an operator asked for in ``RTP_LLM_DEEPEP_BACKEND``: a registered generation, or ``auto``.
@@ -133,9 +137,15 @@ class SwitchSettings(BaseSettings):
         validation_alias=AliasChoices("ep_disable_gin", "EP_DISABLE_GIN"),
         description="DeepEP's own EP_DISABLE_GIN, read here (never written) so preflight can judge GIN.",
     )
-    consensus_timeout_s: float = Field(
-        default=120.0, gt=0, le=3600,
-        description="Seconds a rank waits for the others in a decision collective before raising.",
+    timeout_s: float = Field(
+        default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S,
+        description="Deadline in seconds on every wait for peer ranks: the decision, construction, dispatch, "
+                    "combine and destroy (a host-blocking DeepEP call still blocked after it plus a grace ends "
+                    "the process).",
+    )
+    consensus_timeout_s: Optional[float] = Field(
+        default=None, gt=0, le=3600,
+        description="Deprecated: the decision's deadline when set; use RTP_LLM_DEEPEP_TIMEOUT_S.",
     )
 
     @field_validator("num_sms")
@@ -159,6 +169,12 @@ class SwitchSettings(BaseSettings):
     def backend_problem(self) -> Optional[str]:
         """Why ``backend_raw`` was not accepted, or None."""
         return parse_backend(self.backend_raw)[1]
+
+    @property
+    def consensus_deadline_s(self) -> float:
+        """The decision collective's deadline: the deprecated ``RTP_LLM_DEEPEP_CONSENSUS_TIMEOUT_S`` if set,
+        else ``timeout_s``."""
+        return self.timeout_s if self.consensus_timeout_s is None else self.consensus_timeout_s
 
 
 def env_name(field: str) -> str:
@@ -217,6 +233,11 @@ def load_settings(**overrides: Any) -> LoadedSettings:
     loaded = LoadedSettings(settings, problems)
     for problem in loaded.problems:
         logger.warning("deepep-switch settings: %s", problem)
+    if settings.consensus_timeout_s is not None:  # a deprecation, not a problem: strict mode accepts it
+        logger.warning("deepep-switch settings: %s is deprecated; use %s (it bounds every wait for peers, the "
+                       "decision included). Until you do, the decision waits %gs and everything else %gs",
+                       env_name("consensus_timeout_s"), env_name("timeout_s"), settings.consensus_timeout_s,
+                       settings.timeout_s)
     return loaded
 
 

@@ -52,7 +52,7 @@ class DeepEPWrapper:
     def _build(self, decision: BackendDecision) -> tuple[Any, BufferPlan, BackendDecision]:
         if decision.resolved is not FALLBACK:
             buffer, plan, error = self._try_build(get_spec(decision.resolved), decision)
-            rows = all_gather_ints([int(error is None)], self._group, decision.settings.consensus_timeout_s,
+            rows = all_gather_ints([int(error is None)], self._group, decision.settings.timeout_s,
                                    what=f"{decision.resolved.value} buffer construction")
             failed = [rank for rank, row in enumerate(rows) if not row[0]]
             if not failed:

@@ -3,6 +3,9 @@
 * import: ``deep_ep.ElasticBuffer`` (sgl-deep-ep 0.1.2.post1 = DeepEP 2.1.0);
 * preflight: runtime NCCL >= 2.30.4, NCCL build == runtime below 2.31, GIN (or ``EP_DISABLE_GIN=1`` on one node);
 * sizing: ``ElasticBuffer.get_buffer_size_hint(group, M, H, K, fp8, hybrid, multiple_reduction)``;
+* deadlines: ``num_cpu_timeout_secs`` (the host wait of a CPU-synced dispatch) and ``num_gpu_timeout_secs``
+  (every kernel's wait for peers, graph replays included) = ``RTP_LLM_DEEPEP_TIMEOUT_S`` rounded up; the
+  reference provider also gets ``timeout_s``. The normal path's ``dispatch`` is guarded by the watchdog;
 * normal path: ``dispatch(do_cpu_sync=True)`` + ``combine``, received weights zeroed where the id is -1 (V2
   keeps the sender's weight there);
 * low-latency path: quantise (DeepEP's FP8 recipe; V2 never quantises) -> ``dispatch(do_expand=True,
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, NamedTuple, Optional
 
 import torch
@@ -26,7 +30,7 @@ from ..settings import SwitchSettings
 from .contracts import (Capabilities, LowLatencyDispatch, NormalDispatch, PathContext, RawRoundTrip,
                         WeightsAppliedBy, XType)
 from .registry import register
-from .spec import BackendSpec, BufferPlan, Library
+from .spec import BackendSpec, BufferPlan, Library, accepted_kwargs
 
 # ElasticBuffer needs NCCL >= 2.30.4 at run time (DeepEP README).
 MIN_NCCL: Version = (2, 30, 4)
@@ -121,8 +125,17 @@ def plan(buffer_cls: Any, group: dist.ProcessGroup, config: DeepepWrapperConfig,
                   num_topk=config.moe_k, use_fp8_dispatch=fp8,
                   deterministic=settings.elastic_deterministic, allow_hybrid_mode=settings.elastic_allow_hybrid,
                   allow_multiple_reduction=settings.elastic_allow_multiple_reduction,
-                  prefer_overlap_with_compute=settings.elastic_prefer_overlap, explicitly_destroy=True)
+                  prefer_overlap_with_compute=settings.elastic_prefer_overlap, explicitly_destroy=True,
+                  **deadline_kwargs(buffer_cls, settings))
     return BufferPlan(SPEC.backend, kwargs, {"elastic": num_bytes}, tokens)
+
+
+def deadline_kwargs(buffer_cls: Any, settings: SwitchSettings) -> dict[str, Any]:
+    """The deadline as ``ElasticBuffer`` takes it (whole seconds, CPU and GPU side), plus ``timeout_s`` for the
+    reference provider; only what ``buffer_cls`` accepts."""
+    whole = max(1, math.ceil(settings.timeout_s))
+    return accepted_kwargs(buffer_cls, {"num_cpu_timeout_secs": whole, "num_gpu_timeout_secs": whole,
+                                        "timeout_s": settings.timeout_s})
 
 
 # ---------------------------------------------------------------------------------------------- paths
