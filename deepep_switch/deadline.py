@@ -7,6 +7,8 @@
   completes within ``timeout_s`` or raises :class:`CommunicationTimeout` naming the operation, this rank and,
   where the group's store can tell, the ranks that never arrived. The decision collectives and the reference
   providers' exchanges all wait through it.
+* :class:`Deadline`: ``(timeout_s, rank, world_size)`` as the wrapper hands it to the paths; it builds the
+  watchdog guards (:mod:`deepep_switch.watchdog`) for the host-blocking DeepEP calls that Python cannot bound.
 
 After a :class:`CommunicationTimeout` the group must not be used again: the abandoned collective is still
 queued on it and would pair with the next one a late peer issues. End the process (the job restarts) or tear
@@ -20,12 +22,16 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .settings import env_name
+
+if TYPE_CHECKING:  # annotations only: the watchdog imports this module
+    from .watchdog import Guard
 
 logger = logging.getLogger("deepep_switch.deadline")
 
@@ -223,3 +229,24 @@ def _completes(work: dist.Work, deadline: float) -> bool:
         time.sleep(pause)
         pause = min(pause * 2, 0.01)
     return True
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """How long this rank waits for its peers, and who it is: what the wrapper hands to the paths.
+
+    Attributes:
+        timeout_s: the deadline in seconds (``RTP_LLM_DEEPEP_TIMEOUT_S``).
+        rank / world_size: this rank in the EP group.
+    """
+
+    timeout_s: float
+    rank: int
+    world_size: int
+
+    def guard(self, operation: str) -> "Guard":
+        """A reusable watchdog guard for a host-blocking call named ``operation`` (build it once, enter it per
+        call): see :mod:`deepep_switch.watchdog`."""
+        from .watchdog import get_watchdog  # the watchdog imports this module
+
+        return get_watchdog().guard(operation, self.timeout_s, self.rank, self.world_size)
