@@ -5,6 +5,11 @@ construction, asking the registry (:mod:`deepep_switch.backends`) for the resolv
 If that constructor raises on any rank, every rank learns it through one more small all-gather and all of them
 build the fallback (legacy) buffer instead (strict mode: all of them raise). Nothing is published as the instance
 until a buffer exists on this rank, so a failed ``create`` leaves nothing half-built.
+
+Every wait for peers has the deadline ``RTP_LLM_DEEPEP_TIMEOUT_S``: the two all-gathers raise
+``CommunicationTimeout``; construction and ``destroy()``, which wait for peers inside DeepEP's C++, run under the
+watchdog (:mod:`deepep_switch.watchdog`), which ends the process if they are still blocked after the deadline
+plus its grace.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .backend import Backend
 from .backends import FALLBACK, BackendSpec, BufferPlan, get_spec, registered
 from .config import DeepEPMode, DeepepWrapperConfig
 from .consensus import all_gather_ints
+from .deadline import Deadline
 from .decision import BackendDecision, BackendUnavailableError, resolve_backend
 from .settings import LoadedSettings, ProviderChoice, get_settings
 
@@ -43,6 +49,7 @@ class DeepEPWrapper:
         if not decision.runnable:
             raise RuntimeError(f"DeepEP cannot run here: {decision.describe()}")
         self._provider: ProviderChoice = decision.settings.provider
+        self._deadline = Deadline(decision.settings.timeout_s, dist.get_rank(group), dist.get_world_size(group))
         self._buffer, self._plan, self._decision = self._build(decision)
         self._spec = get_spec(self._decision.resolved)
         logger.info("deepep-switch rank %d/%d: built %s buffer (%s mode) %s", config.ep_rank, config.ep_size,
@@ -69,20 +76,24 @@ class DeepEPWrapper:
                 raise BackendUnavailableError(reason) from error
             decision = decision.model_copy(update={
                 "resolved": FALLBACK, "fallback": reason, "reasons": [*decision.reasons, reason]})
-        spec = get_spec(FALLBACK)
-        cls = spec.buffer_class(self._provider)
-        plan = spec.plan(cls, self._group, self._config, decision.settings)
-        buffer = cls(self._group, **plan.kwargs)
+        buffer, plan = self._construct(get_spec(FALLBACK), decision)
         return buffer, plan, decision.model_copy(update={"buffer_bytes": plan.bytes})
 
     def _try_build(self, spec: BackendSpec, decision: BackendDecision
                    ) -> tuple[Any, Optional[BufferPlan], Optional[BaseException]]:
         try:
-            cls = spec.buffer_class(self._provider)
-            plan = spec.plan(cls, self._group, self._config, decision.settings)
-            return cls(self._group, **plan.kwargs), plan, None
+            buffer, plan = self._construct(spec, decision)
+            return buffer, plan, None
         except Exception as exc:  # any constructor failure is agreed on, then handled on every rank alike
             return None, None, exc
+
+    def _construct(self, spec: BackendSpec, decision: BackendDecision) -> tuple[Any, BufferPlan]:
+        """Size and build ``spec``'s buffer. Both wait for peers inside DeepEP (NCCL communicator and window
+        registration, NVSHMEM initialisation), so both run under the watchdog."""
+        cls = spec.buffer_class(self._provider)
+        with self._deadline.guard("construction"):
+            plan = spec.plan(cls, self._group, self._config, decision.settings)
+            return cls(self._group, **plan.kwargs), plan
 
     @staticmethod
     def _abandon(buffer: Any) -> None:
@@ -96,9 +107,10 @@ class DeepEPWrapper:
         if buffer is None:
             return
         cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.synchronize()
-        buffer.destroy()  # collective; every plan sets explicitly_destroy=True
+        with self._deadline.guard("destroy"):  # collective: it waits for every peer inside DeepEP's C++
+            if cuda:
+                torch.cuda.synchronize()
+            buffer.destroy()  # every plan sets explicitly_destroy=True
         del buffer
         if cuda:  # return the freed blocks to the driver so memory_reserved() drops back
             gc.collect()
@@ -127,7 +139,8 @@ class DeepEPWrapper:
         """Build the process's buffer (collective over ``group``, WORLD by default).
 
         Raises RuntimeError if torch.distributed is not initialized or a wrapper with a different config exists,
-        ValueError for an invalid config (before any communication), and BackendUnavailableError in strict mode.
+        ValueError for an invalid config (before any communication), BackendUnavailableError in strict mode, and
+        ``CommunicationTimeout`` (``ConsensusTimeout``) when a rank does not join within the deadline.
         """
         cls = DeepEPWrapper
         if not (dist.is_available() and dist.is_initialized()):
@@ -160,7 +173,11 @@ class DeepEPWrapper:
 
     @classmethod
     def reset(cls) -> None:
-        """Destroy the buffer collectively (all ranks must call it) and free its memory."""
+        """Destroy the buffer collectively (all ranks must call it) and free its memory.
+
+        A rank that never calls it makes the others raise ``CommunicationTimeout`` (reference providers) or, on
+        real DeepEP, be ended by the watchdog after the deadline plus its grace.
+        """
         with cls._lock:
             instance, cls._instance, cls._initialized = cls._instance, None, False
             if instance is not None:
@@ -178,6 +195,11 @@ class DeepEPWrapper:
     @property
     def decision(self) -> BackendDecision:
         return self._decision
+
+    @property
+    def deadline(self) -> Deadline:
+        """This rank's deadline on waits for peers (``RTP_LLM_DEEPEP_TIMEOUT_S``), for the paths' guards."""
+        return self._deadline
 
     @property
     def provider(self) -> ProviderChoice:

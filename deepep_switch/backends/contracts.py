@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Optional, Protocol, Unio
 
 import torch
 
+from ..deadline import Deadline
 from ..quant import Quant
 
 XType = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -56,6 +57,8 @@ class PathContext:
         quant: the dispatch quantisation; ``quantize`` applies it to a bf16 ``[T, H]`` (identity for NONE).
         num_sms: SMs for the communication kernels (0 = the library's default).
         device: where the router's tensors live.
+        deadline: this rank's deadline on waits for peers; a path builds a watchdog guard from it
+            (``deadline.guard("dispatch")``) for each host-blocking library call, and only for those.
     """
 
     buffer: Any
@@ -71,6 +74,7 @@ class PathContext:
     quantize: Callable[[torch.Tensor], XType]
     num_sms: int
     device: torch.device
+    deadline: Deadline
 
 
 class NormalDispatch(NamedTuple):

@@ -27,6 +27,7 @@ from ..config import DeepEPMode, DeepepWrapperConfig
 from ..kernels.layout import LayoutOps, layout_ops_for
 from ..quant import Quant, Quantizer, quantize_fp8
 from ..settings import SwitchSettings
+from ..watchdog import Guard
 from .contracts import (Capabilities, LowLatencyDispatch, NormalDispatch, PathContext, RawRoundTrip,
                         WeightsAppliedBy, XType)
 from .registry import register
@@ -153,19 +154,22 @@ class ElasticNormalPath:
         host_sync=True, graph_capturable=False, weights=WeightsAppliedBy.EXECUTOR)
 
     def __init__(self, buffer: Any, num_experts: int, expert_alignment: int, num_sms: int,
-                 num_local_experts: int) -> None:
+                 num_local_experts: int, dispatch_guard: Guard) -> None:
         self.buffer, self.num_experts, self.expert_alignment = buffer, num_experts, expert_alignment
         self.num_sms, self.num_local_experts = num_sms, num_local_experts
+        self._dispatch_guard = dispatch_guard
 
     @classmethod
     def build(cls, ctx: PathContext) -> "ElasticNormalPath":
         check_hidden(ctx)
-        return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment, ctx.num_sms, ctx.num_local_experts)
+        return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment, ctx.num_sms, ctx.num_local_experts,
+                   ctx.deadline.guard("dispatch"))
 
     def dispatch(self, x: XType, ids: torch.Tensor, weights: torch.Tensor) -> NormalDispatch:
-        recv_x, recv_ids, recv_w, handle, _ = self.buffer.dispatch(
-            x, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
-            expert_alignment=self.expert_alignment, num_sms=self.num_sms, do_cpu_sync=True)
+        with self._dispatch_guard:  # the host waits for the counts (up to num_cpu_timeout_secs, then raises)
+            recv_x, recv_ids, recv_w, handle, _ = self.buffer.dispatch(
+                x, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
+                expert_alignment=self.expert_alignment, num_sms=self.num_sms, do_cpu_sync=True)
         recv_w = recv_w.masked_fill(recv_ids < 0, 0.0)  # V2 keeps the sender's weight where the id is -1
         counts = list(handle.num_recv_tokens_per_expert_list) or [0] * self.num_local_experts
         rows, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
@@ -185,7 +189,8 @@ class _LowLatencyState(NamedTuple):
 
 
 class ElasticLowLatencyPath:
-    """``ElasticBuffer`` without host sync, converted to and from the legacy low-latency layout."""
+    """``ElasticBuffer`` without host sync, converted to and from the legacy low-latency layout. Nothing here
+    blocks the host, so nothing is guarded: ``num_gpu_timeout_secs`` bounds the kernels, graph replays included."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         host_sync=False, graph_capturable=True, weights=WeightsAppliedBy.PATH)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..config import DeepEPMode, DeepepWrapperConfig
 from ..quant import Quant, quantize_fp8
 from ..settings import SwitchSettings
+from ..watchdog import Guard
 from .contracts import (Capabilities, LowLatencyDispatch, NormalDispatch, PathContext, RawRoundTrip,
                         WeightsAppliedBy, XType)
 from .registry import register
@@ -74,18 +75,20 @@ class LegacyNormalPath:
     capabilities: ClassVar[Capabilities] = Capabilities(
         host_sync=True, graph_capturable=False, weights=WeightsAppliedBy.EXECUTOR)
 
-    def __init__(self, buffer: Any, num_experts: int, expert_alignment: int) -> None:
+    def __init__(self, buffer: Any, num_experts: int, expert_alignment: int, dispatch_guard: Guard) -> None:
         self.buffer, self.num_experts, self.expert_alignment = buffer, num_experts, expert_alignment
+        self._dispatch_guard = dispatch_guard
 
     @classmethod
     def build(cls, ctx: PathContext) -> "LegacyNormalPath":
-        return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment)
+        return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment, ctx.deadline.guard("dispatch"))
 
     def dispatch(self, x: XType, ids: torch.Tensor, weights: torch.Tensor) -> NormalDispatch:
         per_rank, per_rdma_rank, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(ids, self.num_experts)
-        recv_x, recv_ids, recv_w, counts, handle, _ = self.buffer.dispatch(
-            x, None, per_rank, per_rdma_rank, in_rank, per_expert, ids, weights,
-            expert_alignment=self.expert_alignment)
+        with self._dispatch_guard:  # the host waits for the receive counts (DeepEP gives up after 100 s itself)
+            recv_x, recv_ids, recv_w, counts, handle, _ = self.buffer.dispatch(
+                x, None, per_rank, per_rdma_rank, in_rank, per_expert, ids, weights,
+                expert_alignment=self.expert_alignment)
         rows, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
         return NormalDispatch(rows, scales, recv_ids, recv_w, counts, handle)
 
@@ -95,7 +98,8 @@ class LegacyNormalPath:
 
 
 class LegacyLowLatencyPath:
-    """``Buffer`` low-latency kernels (IBGDA/NVLink, all SMs, graph-safe)."""
+    """``Buffer`` low-latency kernels (IBGDA/NVLink, all SMs, graph-safe). Nothing here blocks the host, so
+    nothing is guarded: the kernels' own ~100 s GPU timeout bounds them, graph replays included."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         host_sync=False, graph_capturable=True, weights=WeightsAppliedBy.PATH)
