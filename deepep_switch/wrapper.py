@@ -24,11 +24,12 @@ import torch.distributed as dist
 
 from .backend import Backend
 from .backends import FALLBACK, BackendSpec, BufferPlan, get_spec, registered
+from .blueprint import Blueprint
 from .config import DeepEPMode, DeepepWrapperConfig
 from .consensus import all_gather_ints
 from .deadline import Deadline
 from .decision import BackendDecision, BackendUnavailableError, resolve_backend
-from .settings import LoadedSettings, ProviderChoice, get_settings
+from .settings import LoadedSettings, ProviderChoice, get_settings, read_deep_ep_environment
 
 logger = logging.getLogger("deepep_switch.wrapper")
 
@@ -45,7 +46,11 @@ class DeepEPWrapper:
         self._group = group
         self._config = config
         self._mode = config.mode
-        decision = resolve_backend(group, settings=settings, internode=config.use_deepep_internode)
+        # What this rank is about to build, with the environment DeepEP will read while building it (read now):
+        # every rank compares it in the decision's all-gather and raises the same ValueError on any difference.
+        blueprint = Blueprint.local(config, read_deep_ep_environment())
+        decision = resolve_backend(group, settings=settings, internode=config.use_deepep_internode,
+                                   blueprint=blueprint)
         if not decision.runnable:
             raise RuntimeError(f"DeepEP cannot run here: {decision.describe()}")
         self._provider: ProviderChoice = decision.settings.provider
@@ -139,7 +144,9 @@ class DeepEPWrapper:
         """Build the process's buffer (collective over ``group``, WORLD by default).
 
         Raises RuntimeError if torch.distributed is not initialized or a wrapper with a different config exists,
-        ValueError for an invalid config (before any communication), BackendUnavailableError in strict mode, and
+        ValueError for an invalid config (before any communication) and, on every rank together before any
+        buffer exists, when the ranks' configs (but ``ep_rank``/``local_rank``) or the environment DeepEP reads
+        while building differ, BackendUnavailableError in strict mode, and
         ``CommunicationTimeout`` (``ConsensusTimeout``) when a rank does not join within the deadline.
         """
         cls = DeepEPWrapper
