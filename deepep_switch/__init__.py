@@ -9,12 +9,14 @@ from .backend import Backend
 from .config import DeepEPMode, DeepepWrapperConfig
 from .decision import BackendDecision, BackendUnavailableError, resolve_backend
 from .consensus import ConsensusTimeout
+from .deadline import CommunicationTimeout
 from .preflight import PreflightReport, run_preflight
 from .settings import BackendChoice, ProviderChoice, SwitchSettings, get_settings, reload_settings
 from .wrapper import DeepEPWrapper
 
 __all__ = [
-    "Backend", "BackendChoice", "BackendDecision", "BackendUnavailableError", "ConsensusTimeout", "DeepEPMode",
+    "Backend", "BackendChoice", "BackendDecision", "BackendUnavailableError", "CommunicationTimeout",
+    "ConsensusTimeout", "DeepEPMode",
     "DeepEPWrapper", "DeepepWrapperConfig", "PreflightReport", "ProviderChoice", "SwitchSettings",
     "get_settings", "reload_settings", "resolve_backend", "run_preflight",
 ]

@@ -10,16 +10,18 @@ same answer without a second round:
 * ranks disagree on a knob that shapes the buffers         -> every rank uses that knob's default (strict: raise);
 * ranks disagree on the provider (deep_ep vs reference)    -> every rank raises: no safe common choice exists;
 * ranks register different generations                     -> every rank raises;
-* strict mode and an unknown ``RTP_LLM_DEEPEP_BACKEND``     -> every rank raises.
+* strict mode and an unknown ``RTP_LLM_DEEPEP_BACKEND``     -> every rank raises;
+* ranks would build different buffers (the wrapper config or DeepEP's environment differ, see
+  :mod:`deepep_switch.blueprint`)                          -> every rank raises the same ``ValueError``.
 
 The fallback is the registry's (legacy). The log names the disagreeing ranks. A rank that never arrives makes
-the others raise ConsensusTimeout.
+the others raise ConsensusTimeout (a CommunicationTimeout) naming it, after ``RTP_LLM_DEEPEP_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch.distributed as dist
@@ -27,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .backend import Backend
 from .backends import registry
+from .blueprint import Blueprint, mismatch
 from .consensus import all_gather_ints, group_size_and_rank
 from .preflight import PreflightReport, Probe, check_names, run_preflight
 from .settings import (BACKEND_ENV, BackendChoice, LoadedSettings, ProviderChoice, SwitchSettings, backend_choices,
@@ -60,6 +63,8 @@ class Vote:
         num_sms ... elastic_allow_multiple_reduction: the AGREED_KNOBS.
         fail_masks: per registered generation (registry order, ``MAX_BACKENDS`` slots), the failed preflight
             checks gating it, bit ``check_names().index(name)``.
+        blueprint: what this rank is about to build (:class:`~deepep_switch.blueprint.Blueprint` values; all
+            "absent" when the caller gave no wrapper config).
     """
 
     provider: int
@@ -75,9 +80,11 @@ class Vote:
     elastic_prefer_overlap: int
     elastic_allow_multiple_reduction: int
     fail_masks: tuple[int, ...] = (0,) * registry.MAX_BACKENDS
+    blueprint: tuple[int, ...] = field(default_factory=lambda: Blueprint.absent().values)
 
     @classmethod
-    def local(cls, loaded: LoadedSettings, report: PreflightReport, low_latency: Optional[bool] = None) -> "Vote":
+    def local(cls, loaded: LoadedSettings, report: PreflightReport, low_latency: Optional[bool] = None,
+              blueprint: Optional[Blueprint] = None) -> "Vote":
         """This rank's vote for a buffer of one mode (``low_latency`` True/False; None: RTP_LLM_DEEPEP_BACKEND)."""
         s = loaded.settings
         choice, problem = s.backend_for(low_latency)
@@ -87,6 +94,7 @@ class Vote:
             unknown_backend=int(problem is not None), knob_problems=len(loaded.knob_problems),
             registry=registry.digest(), **{k: int(getattr(s, k)) for k in AGREED_KNOBS},
             fail_masks=tuple(masks + [0] * (registry.MAX_BACKENDS - len(masks))),
+            blueprint=(blueprint or Blueprint.absent()).values,
         )
 
     def fail_mask(self, backend: Backend) -> int:
@@ -94,12 +102,18 @@ class Vote:
         return self.fail_masks[registry.names().index(backend.value)]
 
     def to_ints(self) -> list[int]:
-        return [getattr(self, f.name) for f in fields(self) if f.name != "fail_masks"] + list(self.fail_masks)
+        return [getattr(self, f.name) for f in fields(self) if f.name not in _TUPLES] + list(self.fail_masks) \
+            + list(self.blueprint)
 
     @classmethod
     def from_ints(cls, values: list[int]) -> "Vote":
-        scalars = len(fields(cls)) - 1
-        return cls(*values[:scalars], fail_masks=tuple(values[scalars:]))
+        scalars = len(fields(cls)) - len(_TUPLES)
+        masks_end = scalars + registry.MAX_BACKENDS
+        return cls(*values[:scalars], fail_masks=tuple(values[scalars:masks_end]),
+                   blueprint=tuple(values[masks_end:]))
+
+
+_TUPLES = ("fail_masks", "blueprint")  # Vote's variable parts, after its scalars in to_ints()
 
 
 class Agreement(BaseModel):
@@ -113,6 +127,8 @@ class Agreement(BaseModel):
     disagreements: dict[str, dict[str, list[int]]] = Field(
         default_factory=dict, description="setting -> value -> ranks holding it, for every disagreement")
     error: Optional[str] = None
+    mismatch: Optional[str] = Field(
+        default=None, description="why the ranks would build different buffers (raised as ValueError), or None")
 
 
 class ConsensusOutcome(BaseModel):
@@ -123,6 +139,9 @@ class ConsensusOutcome(BaseModel):
     votes: list[dict[str, int]]
     agreed: bool = Field(description="True when every rank asked for the same backend and knobs")
     disagreements: dict[str, dict[str, list[int]]] = Field(default_factory=dict)
+    blueprint: dict[str, str] = Field(
+        default_factory=dict, description="what every rank agreed to build: the wrapper config's shared fields and "
+                                          "DeepEP's environment (empty without a wrapper config)")
 
 
 class BackendDecision(BaseModel):
@@ -182,6 +201,7 @@ def agree(table: list[Vote], request_env: str = BACKEND_ENV) -> Agreement:
     ``request_env`` names the variable the votes' requests came from (a per-mode override or
     RTP_LLM_DEEPEP_BACKEND), for the reasons and errors."""
     strict = any(v.strict for v in table)
+    build_mismatch = mismatch([Blueprint(v.blueprint) for v in table])
     reasons: list[str] = []
     errors: list[str] = []
     disagreements: dict[str, dict[str, list[int]]] = {}
@@ -192,7 +212,7 @@ def agree(table: list[Vote], request_env: str = BACKEND_ENV) -> Agreement:
         errors.append(f"ranks register different deepep-switch generations (registry digests by rank: "
                       f"{ {str(d): r for d, r in registries.items()} }); run the same code on every rank")
         return Agreement(resolved=fallback, runnable=False, reasons=errors, knobs={}, strict=strict,
-                         error="deepep-switch cannot pick a backend: " + errors[0])
+                         error="deepep-switch cannot pick a backend: " + errors[0], mismatch=build_mismatch)
     choices = backend_choices()
 
     providers = _ranks_by_value([v.provider for v in table])
@@ -267,12 +287,13 @@ def agree(table: list[Vote], request_env: str = BACKEND_ENV) -> Agreement:
         error = "deepep-switch cannot pick a backend (strict mode)" if strict else "deepep-switch cannot pick a backend"
         error += ": " + " | ".join(errors)
     return Agreement(resolved=resolved, runnable=runnable, reasons=reasons, knobs=knobs, strict=strict,
-                     disagreements=disagreements, error=error)
+                     disagreements=disagreements, error=error, mismatch=build_mismatch)
 
 
 def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Optional[LoadedSettings] = None,
                     preflight: Optional[PreflightReport] = None, probe: Optional[Probe] = None,
-                    internode: bool = False, low_latency: Optional[bool] = None) -> BackendDecision:
+                    internode: bool = False, low_latency: Optional[bool] = None,
+                    blueprint: Optional[Blueprint] = None) -> BackendDecision:
     """Decide which DeepEP generation this process runs, agreed with every rank of ``group``.
 
     Args:
@@ -284,21 +305,28 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
         internode: whether the EP group spans nodes (affects the GIN check).
         low_latency: decide for a low-latency (True) or normal (False) buffer, honouring
             ``RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY`` / ``RTP_LLM_DEEPEP_BACKEND_NORMAL``; None: RTP_LLM_DEEPEP_BACKEND.
+        blueprint: what this rank is about to build (the wrapper passes its config and DeepEP's environment);
+            the ranks compare it in the same all-gather.
 
     Returns:
-        The decision. Raises :class:`BackendUnavailableError` on every rank together when strict mode forbids
-        the fallback or the ranks' providers differ, and ``ConsensusTimeout`` if a rank never joins.
+        The decision. Raises ``ValueError`` on every rank together, naming the fields, values and ranks, when
+        the blueprints differ; :class:`BackendUnavailableError` on every rank together when strict mode forbids
+        the fallback or the ranks' providers differ; ``ConsensusTimeout`` naming the missing ranks if a rank
+        never joins within the deadline.
     """
     loaded = settings or get_settings()
     report = preflight or run_preflight(loaded.settings, probe, internode=internode)
-    vote = Vote.local(loaded, report, low_latency)
+    vote = Vote.local(loaded, report, low_latency, blueprint)
     request_env, _ = loaded.settings.backend_source(low_latency)
     choice, problem = loaded.settings.backend_for(low_latency)
     world, rank = group_size_and_rank(group)
-    rows = all_gather_ints(vote.to_ints(), group, loaded.settings.consensus_timeout_s, what="backend decision")
+    rows = all_gather_ints(vote.to_ints(), group, loaded.settings.consensus_deadline_s, what="backend decision")
     table = [Vote.from_ints(row) for row in rows]
     agreement = agree(table, request_env)
 
+    if agreement.mismatch:
+        logger.error("deepep-switch rank %d/%d: %s", rank, world, agreement.mismatch)
+        raise ValueError(agreement.mismatch)
     for setting, by_value in agreement.disagreements.items():
         name = request_env if setting == "backend" else env_name(setting)
         logger.warning("deepep-switch rank %d/%d: ranks disagree on %s: %s", rank, world, name, by_value)
@@ -310,7 +338,8 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
     if world > 1:
         consensus = ConsensusOutcome(
             world_size=world, rank=rank, votes=[_vote_row(v) for v in table],
-            agreed=not agreement.disagreements, disagreements=agreement.disagreements)
+            agreed=not agreement.disagreements, disagreements=agreement.disagreements,
+            blueprint={} if Blueprint(vote.blueprint).is_absent else Blueprint(vote.blueprint).describe())
     decision = BackendDecision(
         requested=_requested(choice), requested_mode=choice, request_env=request_env,
         resolved=agreement.resolved, runnable=agreement.runnable,
@@ -331,7 +360,7 @@ def _requested(mode: BackendChoice) -> Backend:
 
 def _vote_row(vote: Vote) -> dict[str, int]:
     """A vote for the decision record: scalar fields plus one ``<name>_fail_mask`` per registered generation."""
-    row = {f.name: getattr(vote, f.name) for f in fields(Vote) if f.name != "fail_masks"}
+    row = {f.name: getattr(vote, f.name) for f in fields(Vote) if f.name not in _TUPLES}
     row.update({f"{name}_fail_mask": vote.fail_masks[i] for i, name in enumerate(registry.names())})
     return row
 

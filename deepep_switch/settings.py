@@ -32,6 +32,10 @@ BACKEND_LOW_LATENCY_ENV = "RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY"
 PROVIDER_ENV = "DEEPEP_SWITCH_PROVIDER"
 _ENV_PREFIX = "RTP_LLM_DEEPEP_"
 
+DEFAULT_TIMEOUT_S = 60.0
+"""Default deadline, in seconds, on every wait for peer ranks (``RTP_LLM_DEEPEP_TIMEOUT_S``)."""
+MAX_TIMEOUT_S = 300.0
+
 
 class BackendChoice(str, Enum):
     """What an operator asked for in ``RTP_LLM_DEEPEP_BACKEND``: a registered generation, or ``auto``.
@@ -145,9 +149,15 @@ class SwitchSettings(BaseSettings):
         validation_alias=AliasChoices("ep_disable_gin", "EP_DISABLE_GIN"),
         description="DeepEP's own EP_DISABLE_GIN, read here (never written) so preflight can judge GIN.",
     )
-    consensus_timeout_s: float = Field(
-        default=120.0, gt=0, le=3600,
-        description="Seconds a rank waits for the others in a decision collective before raising.",
+    timeout_s: float = Field(
+        default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S,
+        description="Deadline in seconds on every wait for peer ranks: the decision, construction, dispatch, "
+                    "combine and destroy (a host-blocking DeepEP call still blocked after it plus a grace ends "
+                    "the process).",
+    )
+    consensus_timeout_s: Optional[float] = Field(
+        default=None, gt=0, le=3600,
+        description="Deprecated: the decision's deadline when set; use RTP_LLM_DEEPEP_TIMEOUT_S.",
     )
 
     @field_validator("num_sms")
@@ -189,6 +199,62 @@ class SwitchSettings(BaseSettings):
         if problem is not None and env != BACKEND_ENV:
             problem = problem.replace(BACKEND_ENV, env, 1)
         return choice, problem
+
+    @property
+    def consensus_deadline_s(self) -> float:
+        """The decision collective's deadline: the deprecated ``RTP_LLM_DEEPEP_CONSENSUS_TIMEOUT_S`` if set,
+        else ``timeout_s``."""
+        return self.timeout_s if self.consensus_timeout_s is None else self.consensus_timeout_s
+
+
+class DeepEPEnvironment(BaseSettings):
+    """The environment DeepEP 2.1.0 reads while building a buffer that changes what it builds or how the ranks
+    connect, as raw text (None = unset), exactly as DeepEP reads it: case-sensitive names, no parsing.
+
+    Every rank must hold the same values (the wrapper checks, see :mod:`deepep_switch.blueprint`). Variables
+    DeepEP reads that only change local behaviour (``EP_BUFFER_DEBUG``, ``EP_JIT_*``, ``EP_AVOID_RECORD_STREAM``,
+    ``EP_SUPPRESS_NCCL_CHECK``, ``EP_NIC_NAME``) are not compared.
+    """
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+
+    ep_disable_gin: Optional[str] = Field(
+        default=None, validation_alias="EP_DISABLE_GIN",
+        description="C++ (NCCL backend): != 0 builds ElasticBuffer without GIN (read with sscanf %d).")
+    ep_num_topk_idx_bits: Optional[str] = Field(
+        default=None, validation_alias="EP_NUM_TOPK_IDX_BITS",
+        description="C++ JIT: the width of top-k indices compiled into every kernel.")
+    ep_reuse_nccl_comm: Optional[str] = Field(
+        default=None, validation_alias="EP_REUSE_NCCL_COMM",
+        description="Python (utils/comm.py): 0 creates a new NCCL communicator (a collective) instead of reusing "
+                    "torch's.")
+    ep_override_rdma_sl: Optional[str] = Field(
+        default=None, validation_alias="EP_OVERRIDE_RDMA_SL",
+        description="Python (ElasticBuffer): the RDMA service level of GIN traffic.")
+    nccl_gin_cross_nic: Optional[str] = Field(
+        default=None, validation_alias="NCCL_GIN_CROSS_NIC",
+        description="Python (ElasticBuffer): '0' makes ranks share CPU segments (multi-plane networks).")
+    nccl_elastic_buffer_register: Optional[str] = Field(
+        default=None, validation_alias="NCCL_ELASTIC_BUFFER_REGISTER",
+        description="NCCL, defaulted to 1 by DeepEP: how the ElasticBuffer's window is registered.")
+    nvshmem_qp_depth: Optional[str] = Field(
+        default=None, validation_alias="NVSHMEM_QP_DEPTH",
+        description="Python (legacy Buffer) and NVSHMEM: the queue depth of the low-latency QPs.")
+
+    def as_dict(self) -> dict[str, Optional[str]]:
+        """Variable name -> raw value (None = unset), in :data:`DEEP_EP_BUILD_ENV` order."""
+        return {str(info.validation_alias): getattr(self, name) for name, info in type(self).model_fields.items()}
+
+
+DEEP_EP_BUILD_ENV: tuple[str, ...] = tuple(str(info.validation_alias)
+                                           for info in DeepEPEnvironment.model_fields.values())
+"""The environment variables every rank must agree on before DeepEP builds a buffer (see DeepEPEnvironment)."""
+
+
+def read_deep_ep_environment() -> dict[str, Optional[str]]:
+    """Read :data:`DEEP_EP_BUILD_ENV` now, uncached: DeepEP reads these when it builds a buffer, so the wrapper
+    reads them immediately before building, not when the settings were first loaded."""
+    return DeepEPEnvironment().as_dict()
 
 
 def env_name(field: str) -> str:
@@ -249,6 +315,11 @@ def load_settings(**overrides: Any) -> LoadedSettings:
     loaded = LoadedSettings(settings, problems)
     for problem in loaded.problems:
         logger.warning("deepep-switch settings: %s", problem)
+    if settings.consensus_timeout_s is not None:  # a deprecation, not a problem: strict mode accepts it
+        logger.warning("deepep-switch settings: %s is deprecated; use %s (it bounds every wait for peers, the "
+                       "decision included). Until you do, the decision waits %gs and everything else %gs",
+                       env_name("consensus_timeout_s"), env_name("timeout_s"), settings.consensus_timeout_s,
+                       settings.timeout_s)
     return loaded
 
 

@@ -5,6 +5,11 @@ construction, asking the registry (:mod:`deepep_switch.backends`) for the resolv
 If that constructor raises on any rank, every rank learns it through one more small all-gather and all of them
 build the fallback (legacy) buffer instead (strict mode: all of them raise). Nothing is published as the instance
 until a buffer exists on this rank, so a failed ``create`` leaves nothing half-built.
+
+Every wait for peers has the deadline ``RTP_LLM_DEEPEP_TIMEOUT_S``: the two all-gathers raise
+``CommunicationTimeout``; construction and ``destroy()``, which wait for peers inside DeepEP's C++, run under the
+watchdog (:mod:`deepep_switch.watchdog`), which ends the process if they are still blocked after the deadline
+plus its grace.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import torch.distributed as dist
 
 from .backend import Backend
 from .backends import FALLBACK, BackendSpec, BufferPlan, get_spec, registered
+from .blueprint import Blueprint
 from .buffer_guard import GuardedBuffer
 from .config import DeepEPMode, DeepepWrapperConfig
 from .consensus import all_gather_ints
+from .deadline import Deadline
 from .decision import BackendDecision, BackendUnavailableError, resolve_backend
-from .settings import LoadedSettings, ProviderChoice, get_settings
+from .settings import LoadedSettings, ProviderChoice, get_settings, read_deep_ep_environment
 
 logger = logging.getLogger("deepep_switch.wrapper")
 
@@ -49,12 +56,16 @@ class DeepEPWrapper:
         self._group = group
         self._config = config
         self._mode = config.mode
+        # What this rank is about to build, with the environment DeepEP will read while building it (read now):
+        # every rank compares it in the decision's all-gather and raises the same ValueError on any difference.
+        blueprint = Blueprint.local(config, read_deep_ep_environment())
         decision = resolve_backend(group, settings=settings, internode=config.use_deepep_internode,
-                                   low_latency=config.mode is DeepEPMode.LOW_LATENCY)
+                                   low_latency=config.mode is DeepEPMode.LOW_LATENCY, blueprint=blueprint)
         if not decision.runnable:
             raise RuntimeError(f"DeepEP cannot run here: {decision.describe()}")
         self._provider: ProviderChoice = decision.settings.provider
         self._users: "weakref.WeakSet[BufferUser]" = weakref.WeakSet()
+        self._deadline = Deadline(decision.settings.timeout_s, dist.get_rank(group), dist.get_world_size(group))
         self._buffer, self._plan, self._decision = self._build(decision)
         self._spec = get_spec(self._decision.resolved)
         logger.info("deepep-switch rank %d/%d: built %s buffer (%s mode) %s", config.ep_rank, config.ep_size,
@@ -64,7 +75,7 @@ class DeepEPWrapper:
     def _build(self, decision: BackendDecision) -> tuple[Any, BufferPlan, BackendDecision]:
         if decision.resolved is not FALLBACK:
             buffer, plan, error = self._try_build(get_spec(decision.resolved), decision)
-            rows = all_gather_ints([int(error is None)], self._group, decision.settings.consensus_timeout_s,
+            rows = all_gather_ints([int(error is None)], self._group, decision.settings.timeout_s,
                                    what=f"{decision.resolved.value} buffer construction")
             failed = [rank for rank, row in enumerate(rows) if not row[0]]
             if not failed:
@@ -81,20 +92,24 @@ class DeepEPWrapper:
                 raise BackendUnavailableError(reason) from error
             decision = decision.model_copy(update={
                 "resolved": FALLBACK, "fallback": reason, "reasons": [*decision.reasons, reason]})
-        spec = get_spec(FALLBACK)
-        cls = spec.buffer_class(self._provider)
-        plan = spec.plan(cls, self._group, self._config, decision.settings)
-        buffer = cls(self._group, **plan.kwargs)
+        buffer, plan = self._construct(get_spec(FALLBACK), decision)
         return buffer, plan, decision.model_copy(update={"buffer_bytes": plan.bytes})
 
     def _try_build(self, spec: BackendSpec, decision: BackendDecision
                    ) -> tuple[Any, Optional[BufferPlan], Optional[BaseException]]:
         try:
-            cls = spec.buffer_class(self._provider)
-            plan = spec.plan(cls, self._group, self._config, decision.settings)
-            return cls(self._group, **plan.kwargs), plan, None
+            buffer, plan = self._construct(spec, decision)
+            return buffer, plan, None
         except Exception as exc:  # any constructor failure is agreed on, then handled on every rank alike
             return None, None, exc
+
+    def _construct(self, spec: BackendSpec, decision: BackendDecision) -> tuple[Any, BufferPlan]:
+        """Size and build ``spec``'s buffer. Both wait for peers inside DeepEP (NCCL communicator and window
+        registration, NVSHMEM initialisation), so both run under the watchdog."""
+        cls = spec.buffer_class(self._provider)
+        with self._deadline.guard("construction"):
+            plan = spec.plan(cls, self._group, self._config, decision.settings)
+            return cls(self._group, **plan.kwargs), plan
 
     @staticmethod
     def _abandon(buffer: Any) -> None:
@@ -108,9 +123,10 @@ class DeepEPWrapper:
         if buffer is None:
             return
         cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.synchronize()
-        buffer.destroy()  # collective; every plan sets explicitly_destroy=True
+        with self._deadline.guard("destroy"):  # collective: it waits for every peer inside DeepEP's C++
+            if cuda:
+                torch.cuda.synchronize()
+            buffer.destroy()  # every plan sets explicitly_destroy=True
         del buffer
         if cuda:  # return the freed blocks to the driver so memory_reserved() drops back
             gc.collect()
@@ -139,7 +155,10 @@ class DeepEPWrapper:
         """Build the process's buffer (collective over ``group``, WORLD by default).
 
         Raises RuntimeError if torch.distributed is not initialized or a wrapper with a different config exists,
-        ValueError for an invalid config (before any communication), and BackendUnavailableError in strict mode.
+        ValueError for an invalid config (before any communication) and, on every rank together before any
+        buffer exists, when the ranks' configs (but ``ep_rank``/``local_rank``) or the environment DeepEP reads
+        while building differ, BackendUnavailableError in strict mode, and
+        ``CommunicationTimeout`` (``ConsensusTimeout``) when a rank does not join within the deadline.
         """
         cls = DeepEPWrapper
         if not (dist.is_available() and dist.is_initialized()):
@@ -172,7 +191,11 @@ class DeepEPWrapper:
 
     @classmethod
     def reset(cls) -> None:
-        """Destroy the buffer collectively (all ranks must call it) and free its memory."""
+        """Destroy the buffer collectively (all ranks must call it) and free its memory.
+
+        A rank that never calls it makes the others raise ``CommunicationTimeout`` (reference providers) or, on
+        real DeepEP, be ended by the watchdog after the deadline plus its grace.
+        """
         with cls._lock:
             instance, cls._instance, cls._initialized = cls._instance, None, False
             if instance is not None:
@@ -225,7 +248,7 @@ class DeepEPWrapper:
 
     def _agree_no_open_dispatch(self, what: str) -> None:
         open_here = sum(user.handle is not None for user in list(self._users))
-        rows = all_gather_ints([open_here], self._group, self._decision.settings.consensus_timeout_s, what=what)
+        rows = all_gather_ints([open_here], self._group, self._deadline.timeout_s, what=what)
         busy = [rank for rank, row in enumerate(rows) if row[0]]
         if busy:
             raise RuntimeError(f"{what} refused on every rank: ranks {busy} have a dispatch open (prepare() without "
@@ -256,6 +279,11 @@ class DeepEPWrapper:
     @property
     def decision(self) -> BackendDecision:
         return self._decision
+
+    @property
+    def deadline(self) -> Deadline:
+        """This rank's deadline on waits for peers (``RTP_LLM_DEEPEP_TIMEOUT_S``), for the paths' guards."""
+        return self._deadline
 
     @property
     def provider(self) -> ProviderChoice:

@@ -100,7 +100,9 @@ def test_fuzz_backend_value_never_raises_and_only_valid_values_matter(monkeypatc
     ("RTP_LLM_DEEPEP_NUM_SMS", "-2", "num_sms", 0),
     ("RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK", "many", "max_tokens_per_rank", 0),
     ("RTP_LLM_DEEPEP_STRICT", "maybe", "strict", False),
-    ("RTP_LLM_DEEPEP_CONSENSUS_TIMEOUT_S", "0", "consensus_timeout_s", 120.0),
+    ("RTP_LLM_DEEPEP_TIMEOUT_S", "0", "timeout_s", 60.0),
+    ("RTP_LLM_DEEPEP_TIMEOUT_S", "301", "timeout_s", 60.0),
+    ("RTP_LLM_DEEPEP_TIMEOUT_S", "soon", "timeout_s", 60.0),
     ("RTP_LLM_DEEPEP_NCCL_BUILD_VERSION", "2.30", "nccl_build_version", ""),
     ("DEEPEP_SWITCH_PROVIDER", "mock", "provider", ProviderChoice.DEEP_EP),
 ])
@@ -168,3 +170,30 @@ def test_unknown_per_mode_value_names_its_variable(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records if "elastc" in r.getMessage()] == [
         f"deepep-switch settings: {problem}"]
     assert loaded.settings.backend_for(False) == (loaded.settings.backend, None)
+
+
+def test_one_deadline_bounds_every_wait(monkeypatch, caplog):
+    s = load_settings().settings
+    assert s.timeout_s == 60.0 and s.consensus_timeout_s is None and s.consensus_deadline_s == 60.0
+    monkeypatch.setenv("RTP_LLM_DEEPEP_TIMEOUT_S", "2.5")
+    s = load_settings().settings
+    assert s.timeout_s == 2.5 and s.consensus_deadline_s == 2.5
+    monkeypatch.setenv("RTP_LLM_DEEPEP_TIMEOUT_S", "300")
+    assert load_settings().settings.timeout_s == 300.0
+
+
+def test_deprecated_consensus_timeout_still_bounds_the_decision(monkeypatch, caplog):
+    monkeypatch.setenv("RTP_LLM_DEEPEP_CONSENSUS_TIMEOUT_S", "7")
+    monkeypatch.setenv("RTP_LLM_DEEPEP_TIMEOUT_S", "3")
+    monkeypatch.setenv("RTP_LLM_DEEPEP_STRICT", "1")
+    with caplog.at_level(logging.WARNING):
+        loaded = load_settings()
+    s = loaded.settings
+    assert (s.consensus_deadline_s, s.timeout_s) == (7.0, 3.0)
+    assert loaded.problems == []  # a deprecation is not a problem, so strict mode starts
+    warnings = [w.getMessage() for w in _warnings(caplog)]
+    assert len(warnings) == 1 and "RTP_LLM_DEEPEP_CONSENSUS_TIMEOUT_S is deprecated" in warnings[0]
+    assert "RTP_LLM_DEEPEP_TIMEOUT_S" in warnings[0]
+    monkeypatch.setenv("RTP_LLM_DEEPEP_CONSENSUS_TIMEOUT_S", "0")  # malformed: default (unset), so timeout_s rules
+    loaded = load_settings()
+    assert loaded.settings.consensus_deadline_s == 3.0 and len(loaded.knob_problems) == 1

@@ -9,7 +9,7 @@ import pytest
 
 from deepep_switch.backend import Backend
 from deepep_switch.config import DeepEPMode, DeepepWrapperConfig
-from deepep_switch.providers.reference import ReferenceBuffer, ReferenceConfig
+from deepep_switch.providers.reference import ReferenceBuffer, ReferenceConfig, ReferenceElasticBuffer
 from deepep_switch.providers.reference.hints import elastic_buffer_size_hint, low_latency_rdma_size_hint
 from deepep_switch.settings import SwitchSettings
 from deepep_switch.backends import Library, elastic, legacy
@@ -156,3 +156,38 @@ def test_from_config_adapter_reads_rtp_llm_fields():
     assert [f.name for f in dataclasses.fields(cfg)][:12] == [
         "ep_rank", "ep_size", "tp_size", "local_rank", "world_size", "hidden_size", "expert_num", "moe_k",
         "deep_ep_num_sm", "use_deepep_low_latency", "use_deepep_internode", "ll_num_max_token"]
+
+
+class Buffer210(ReferenceBuffer):
+    """``deep_ep.Buffer``'s 2.1.0 constructor signature (no deadline of any kind), with the reference's statics."""
+
+    def __init__(self, group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=None,
+                 explicitly_destroy=False, enable_shrink=False, comm=None) -> None:
+        raise AssertionError("never built here")
+
+
+class ElasticBuffer210(RecordingElastic):
+    """``deep_ep.ElasticBuffer``'s 2.1.0 constructor signature."""
+
+    def __init__(self, group, num_bytes=None, num_cpu_bytes=0, num_max_tokens_per_rank=0, hidden=0, num_topk=0,
+                 use_fp8_dispatch=False, deterministic=False, allow_hybrid_mode=True, allow_multiple_reduction=True,
+                 prefer_overlap_with_compute=True, sl_idx=3, num_allocated_qps=0, num_cpu_timeout_secs=300,
+                 num_gpu_timeout_secs=100, explicitly_destroy=False) -> None:
+        raise AssertionError("never built here")
+
+
+@pytest.mark.parametrize("low_latency", [False, True])
+def test_the_deadline_reaches_only_constructors_that_take_it(low_latency):
+    settings = SwitchSettings(timeout_s=2.5)
+    real_legacy = legacy.plan(Buffer210, None, config(low_latency=low_latency), settings).kwargs
+    assert not {"timeout_s", "num_cpu_timeout_secs", "num_gpu_timeout_secs"} & set(real_legacy)
+    assert legacy.plan(ReferenceBuffer, None, config(low_latency=low_latency), settings).kwargs["timeout_s"] == 2.5
+
+    real_elastic = elastic.plan(ElasticBuffer210, None, config(low_latency=low_latency), settings).kwargs
+    assert (real_elastic["num_cpu_timeout_secs"], real_elastic["num_gpu_timeout_secs"]) == (3, 3)  # whole seconds
+    assert "timeout_s" not in real_elastic
+    ref = elastic.deadline_kwargs(ReferenceElasticBuffer, settings)  # its size hint needs a live group
+    assert ref == {"timeout_s": 2.5, "num_cpu_timeout_secs": 3, "num_gpu_timeout_secs": 3}
+    assert elastic.plan(ElasticBuffer210, None, config(), SwitchSettings(timeout_s=0.2)).kwargs[
+        "num_cpu_timeout_secs"] == 1

@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Optional, Protocol, Unio
 
 import torch
 
+from ..deadline import Deadline
 from ..quant import Quant
 
 XType = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -57,7 +58,8 @@ class PathContext:
         num_sms: SMs for the communication kernels (0 = the library's default).
         device: where the router's tensors live.
         group: the EP process group (for the rare collective a compatibility view needs).
-        timeout_s: the deadline for any wait on peers a path makes itself.
+        deadline: this rank's deadline on waits for peers; a path builds a watchdog guard from it
+            (``deadline.guard("dispatch")``) for each host-blocking library call, and only for those.
     """
 
     buffer: Any
@@ -74,7 +76,7 @@ class PathContext:
     num_sms: int
     device: torch.device
     group: Any
-    timeout_s: float
+    deadline: Deadline
 
 
 class NormalDispatch(NamedTuple):

@@ -3,6 +3,9 @@
 * import: ``deep_ep.ElasticBuffer`` (sgl-deep-ep 0.1.2.post1 = DeepEP 2.1.0);
 * preflight: runtime NCCL >= 2.30.4, NCCL build == runtime below 2.31, GIN (or ``EP_DISABLE_GIN=1`` on one node);
 * sizing: ``ElasticBuffer.get_buffer_size_hint(group, M, H, K, fp8, hybrid, multiple_reduction)``;
+* deadlines: ``num_cpu_timeout_secs`` (the host wait of a CPU-synced dispatch) and ``num_gpu_timeout_secs``
+  (every kernel's wait for peers, graph replays included) = ``RTP_LLM_DEEPEP_TIMEOUT_S`` rounded up; the
+  reference provider also gets ``timeout_s``. The normal path's ``dispatch`` is guarded by the watchdog;
 * normal path: ``dispatch(do_cpu_sync=True)`` + ``combine``, received weights zeroed where the id is -1 (V2
   keeps the sender's weight there);
 * low-latency path: quantise (DeepEP's FP8 recipe; V2 never quantises) -> ``dispatch(do_expand=True,
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -23,10 +27,11 @@ from ..config import DeepEPMode, DeepepWrapperConfig
 from ..kernels.layout import LayoutOps, layout_ops_for
 from ..quant import Quant, Quantizer, quantize_fp8
 from ..settings import SwitchSettings
+from ..watchdog import Guard
 from .contracts import (Capabilities, LowLatencyDispatch, NormalDispatch, PathContext, RawRoundTrip,
                         WeightsAppliedBy, XType)
 from .registry import register
-from .spec import BackendSpec, BufferPlan, Library
+from .spec import BackendSpec, BufferPlan, Library, accepted_kwargs
 
 # ElasticBuffer needs NCCL >= 2.30.4 at run time (DeepEP README).
 MIN_NCCL: Version = (2, 30, 4)
@@ -121,8 +126,17 @@ def plan(buffer_cls: Any, group: dist.ProcessGroup, config: DeepepWrapperConfig,
                   num_topk=config.moe_k, use_fp8_dispatch=fp8,
                   deterministic=settings.elastic_deterministic, allow_hybrid_mode=settings.elastic_allow_hybrid,
                   allow_multiple_reduction=settings.elastic_allow_multiple_reduction,
-                  prefer_overlap_with_compute=settings.elastic_prefer_overlap, explicitly_destroy=True)
+                  prefer_overlap_with_compute=settings.elastic_prefer_overlap, explicitly_destroy=True,
+                  **deadline_kwargs(buffer_cls, settings))
     return BufferPlan(SPEC.backend, kwargs, {"elastic": num_bytes}, tokens)
+
+
+def deadline_kwargs(buffer_cls: Any, settings: SwitchSettings) -> dict[str, Any]:
+    """The deadline as ``ElasticBuffer`` takes it (whole seconds, CPU and GPU side), plus ``timeout_s`` for the
+    reference provider; only what ``buffer_cls`` accepts."""
+    whole = max(1, math.ceil(settings.timeout_s))
+    return accepted_kwargs(buffer_cls, {"num_cpu_timeout_secs": whole, "num_gpu_timeout_secs": whole,
+                                        "timeout_s": settings.timeout_s})
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -173,21 +187,23 @@ class ElasticNormalPath:
         host_sync=True, graph_capturable=False, weights=WeightsAppliedBy.EXECUTOR)
 
     def __init__(self, buffer: Any, num_experts: int, expert_alignment: int, num_sms: int,
-                 num_local_experts: int, group: Any = None, timeout_s: float = 60.0) -> None:
+                 num_local_experts: int, dispatch_guard: Guard, group: Any = None, timeout_s: float = 60.0) -> None:
         self.buffer, self.num_experts, self.expert_alignment = buffer, num_experts, expert_alignment
         self.num_sms, self.num_local_experts = num_sms, num_local_experts
+        self._dispatch_guard = dispatch_guard
         self.group, self.timeout_s = group, timeout_s
 
     @classmethod
     def build(cls, ctx: PathContext) -> "ElasticNormalPath":
         check_hidden(ctx)
         return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment, ctx.num_sms, ctx.num_local_experts,
-                   ctx.group, ctx.timeout_s)
+                   ctx.deadline.guard("dispatch"), ctx.group, ctx.deadline.timeout_s)
 
     def dispatch(self, x: XType, ids: torch.Tensor, weights: torch.Tensor) -> NormalDispatch:
-        recv_x, recv_ids, recv_w, handle, _ = self.buffer.dispatch(
-            x, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
-            expert_alignment=self.expert_alignment, num_sms=self.num_sms, do_cpu_sync=True)
+        with self._dispatch_guard:  # the host waits for the counts (up to num_cpu_timeout_secs, then raises)
+            recv_x, recv_ids, recv_w, handle, _ = self.buffer.dispatch(
+                x, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
+                expert_alignment=self.expert_alignment, num_sms=self.num_sms, do_cpu_sync=True)
         recv_w = recv_w.masked_fill(recv_ids < 0, 0.0)  # V2 keeps the sender's weight where the id is -1
         counts = list(handle.num_recv_tokens_per_expert_list) or [0] * self.num_local_experts
         rows, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
@@ -264,7 +280,8 @@ class ElasticLowLatencyHandle:
 
 
 class ElasticLowLatencyPath:
-    """``ElasticBuffer`` without host sync, converted to and from the legacy low-latency layout."""
+    """``ElasticBuffer`` without host sync, converted to and from the legacy low-latency layout. Nothing here
+    blocks the host, so nothing is guarded: ``num_gpu_timeout_secs`` bounds the kernels, graph replays included."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         host_sync=False, graph_capturable=True, weights=WeightsAppliedBy.PATH)

@@ -4,6 +4,9 @@
 * sizing: normal mode ``num_nvl_bytes`` = max of the dispatch and combine ``Config`` NVL hints for the rank
   count (sized for bf16, which also fits FP8 rows and scales), RDMA hints when internode; low-latency
   ``get_low_latency_rdma_size_hint(N, H, R, E)`` with ``num_qps_per_rank = E // R``;
+* deadlines: ``Buffer`` takes none (its CPU wait gives up after a compiled-in 100 s, its kernels after ~100 s of
+  GPU cycles); the reference provider gets ``timeout_s``. The normal ``dispatch`` (host-blocking) is guarded by
+  the watchdog;
 * paths: ``get_dispatch_layout`` + ``dispatch`` + ``combine`` (normal), ``low_latency_dispatch`` /
   ``low_latency_combine`` (decode; the kernel quantises FP8 and the combine applies the top-k weights);
 * reference: :class:`~deepep_switch.providers.reference.ReferenceBuffer`.
@@ -21,10 +24,11 @@ import torch.distributed as dist
 from ..config import DeepEPMode, DeepepWrapperConfig
 from ..quant import Quant, quantize_fp8
 from ..settings import SwitchSettings
+from ..watchdog import Guard
 from .contracts import (Capabilities, LowLatencyDispatch, NormalDispatch, PathContext, RawRoundTrip,
                         WeightsAppliedBy, XType)
 from .registry import register
-from .spec import BackendSpec, BufferPlan, Library
+from .spec import BackendSpec, BufferPlan, Library, accepted_kwargs
 
 # DeepEP 2.1.0 legacy low-latency kernels are compiled for these hidden sizes (the sgl-deep-ep wheel adds 3584).
 LL_HIDDEN = frozenset({2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192})
@@ -44,7 +48,7 @@ def plan(buffer_cls: Any, group: dist.ProcessGroup, config: DeepepWrapperConfig,
         rdma = int(buffer_cls.get_low_latency_rdma_size_hint(tokens, hidden, ranks, experts))
         kwargs = dict(num_nvl_bytes=0, num_rdma_bytes=rdma, low_latency_mode=True,
                       num_qps_per_rank=experts // ranks, allow_nvlink_for_low_latency_mode=True,
-                      explicitly_destroy=True)
+                      explicitly_destroy=True, **deadline_kwargs(buffer_cls, settings))
         return BufferPlan(SPEC.backend, kwargs, {"rdma": rdma}, tokens)
     try:
         configs = [buffer_cls.get_dispatch_config(ranks), buffer_cls.get_combine_config(ranks)]
@@ -56,8 +60,13 @@ def plan(buffer_cls: Any, group: dist.ProcessGroup, config: DeepepWrapperConfig,
     rdma = max(int(c.get_rdma_buffer_size_hint(hidden_bytes, ranks)) for c in configs) if internode else 0
     qps = max(1, buffer_cls.num_sms // 2) if internode else 1
     kwargs = dict(num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=False, num_qps_per_rank=qps,
-                  explicitly_destroy=True)
+                  explicitly_destroy=True, **deadline_kwargs(buffer_cls, settings))
     return BufferPlan(SPEC.backend, kwargs, {"nvl": nvl, "rdma": rdma}, None)
+
+
+def deadline_kwargs(buffer_cls: Any, settings: SwitchSettings) -> dict[str, Any]:
+    """``timeout_s`` for the reference provider; nothing for ``deep_ep.Buffer``, whose waits are compiled in."""
+    return accepted_kwargs(buffer_cls, {"timeout_s": settings.timeout_s})
 
 
 class LegacyNormalPath:
@@ -66,18 +75,20 @@ class LegacyNormalPath:
     capabilities: ClassVar[Capabilities] = Capabilities(
         host_sync=True, graph_capturable=False, weights=WeightsAppliedBy.EXECUTOR)
 
-    def __init__(self, buffer: Any, num_experts: int, expert_alignment: int) -> None:
+    def __init__(self, buffer: Any, num_experts: int, expert_alignment: int, dispatch_guard: Guard) -> None:
         self.buffer, self.num_experts, self.expert_alignment = buffer, num_experts, expert_alignment
+        self._dispatch_guard = dispatch_guard
 
     @classmethod
     def build(cls, ctx: PathContext) -> "LegacyNormalPath":
-        return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment)
+        return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment, ctx.deadline.guard("dispatch"))
 
     def dispatch(self, x: XType, ids: torch.Tensor, weights: torch.Tensor) -> NormalDispatch:
         per_rank, per_rdma_rank, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(ids, self.num_experts)
-        recv_x, recv_ids, recv_w, counts, handle, _ = self.buffer.dispatch(
-            x, None, per_rank, per_rdma_rank, in_rank, per_expert, ids, weights,
-            expert_alignment=self.expert_alignment)
+        with self._dispatch_guard:  # the host waits for the receive counts (DeepEP gives up after 100 s itself)
+            recv_x, recv_ids, recv_w, counts, handle, _ = self.buffer.dispatch(
+                x, None, per_rank, per_rdma_rank, in_rank, per_expert, ids, weights,
+                expert_alignment=self.expert_alignment)
         rows, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
         return NormalDispatch(rows, scales, recv_ids, recv_w, counts, handle)
 
@@ -87,7 +98,8 @@ class LegacyNormalPath:
 
 
 class LegacyLowLatencyPath:
-    """``Buffer`` low-latency kernels (IBGDA/NVLink, all SMs, graph-safe)."""
+    """``Buffer`` low-latency kernels (IBGDA/NVLink, all SMs, graph-safe). Nothing here blocks the host, so
+    nothing is guarded: the kernels' own ~100 s GPU timeout bounds them, graph replays included."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         host_sync=False, graph_capturable=True, weights=WeightsAppliedBy.PATH)

@@ -7,6 +7,8 @@ registered there; everything else in deepep-switch asks the registry (:mod:`deep
 from __future__ import annotations
 
 import importlib
+import inspect
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -20,6 +22,8 @@ if TYPE_CHECKING:  # annotations only: these modules import nothing from here
     from ..config import DeepepWrapperConfig
     from ..settings import SwitchSettings
     from .contracts import LowLatencyPath, NormalPath, RawRoundTrip
+
+logger = logging.getLogger("deepep_switch.backends")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,28 @@ class BufferPlan:
     kwargs: dict[str, Any]
     bytes: dict[str, int]
     capacity: Optional[int]
+
+
+def accepted_kwargs(buffer_cls: Any, candidates: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``candidates`` that ``buffer_cls``'s constructor accepts.
+
+    How a plan hands its deadline to whatever it builds: real DeepEP only gets keywords its signature names
+    (``ElasticBuffer(num_cpu_timeout_secs=, num_gpu_timeout_secs=)``; legacy ``Buffer`` names none), the
+    reference providers also take ``timeout_s``. Dropped keywords are logged at DEBUG.
+    """
+    try:
+        params = inspect.signature(buffer_cls).parameters
+    except (TypeError, ValueError):  # no introspectable signature: pass nothing optional
+        logger.warning("deepep-switch: cannot read %r's constructor signature; not passing %s",
+                       buffer_cls, sorted(candidates))
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(candidates)
+    kept = {name: value for name, value in candidates.items() if name in params}
+    if len(kept) < len(candidates):
+        logger.debug("deepep-switch: %s does not take %s", getattr(buffer_cls, "__name__", buffer_cls),
+                     sorted(set(candidates) - set(kept)))
+    return kept
 
 
 PlanFn = Callable[[Any, "dist.ProcessGroup", "DeepepWrapperConfig", "SwitchSettings"], BufferPlan]

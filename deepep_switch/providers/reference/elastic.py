@@ -11,7 +11,9 @@ Semantics of DeepEP 2.1.0 that deepep-switch relies on, reproduced on purpose, i
   ``recv_topk_idx`` None and 1-D weights;
 * ``combine`` is an unweighted sum (``topk_weights`` only yields ``combined_topk_weights``, the owner's value).
 
-Like :class:`ReferenceBuffer` it synchronises the host and is not CUDA-graph capturable.
+Like :class:`ReferenceBuffer` it synchronises the host and is not CUDA-graph capturable; every wait for peers is
+bounded by ``timeout_s`` (raising :class:`~deepep_switch.deadline.CommunicationTimeout`) and ``destroy()`` is
+collective.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .exchange import NoEvent, RowPack, exchange_counts, exchange_rows, to_local_ids, token_in_rank
+from ...deadline import Peers, collective_device
+from ...settings import DEFAULT_TIMEOUT_S
+from .exchange import NoEvent, RowPack, barrier, exchange_counts, exchange_rows, to_local_ids, token_in_rank
 from .hints import elastic_buffer_size_hint
 from .legacy import _garbage_like
 
@@ -55,7 +59,9 @@ class ReferenceElasticBuffer:
     """Pure-PyTorch stand-in for ``deep_ep.ElasticBuffer`` (direct mode: one scale-up domain of R ranks).
 
     Args mirror ``deep_ep.ElasticBuffer``; ``num_bytes`` defaults to the size hint. Hybrid/Engram/PP/AGRS
-    features are not provided. ``deterministic`` selects the legacy row order.
+    features are not provided. ``deterministic`` selects the legacy row order. ``num_cpu_timeout_secs`` /
+    ``num_gpu_timeout_secs`` are accepted and ignored; ``timeout_s`` (not an ``ElasticBuffer`` argument: the
+    wrapper's plan passes it to the reference providers only) bounds every wait for peers, in seconds.
     """
 
     def __init__(self, group: dist.ProcessGroup, num_bytes: Optional[int] = None, num_cpu_bytes: int = 0,
@@ -63,8 +69,9 @@ class ReferenceElasticBuffer:
                  use_fp8_dispatch: bool = False, deterministic: bool = False, allow_hybrid_mode: bool = True,
                  allow_multiple_reduction: bool = True, prefer_overlap_with_compute: bool = True, sl_idx: int = 3,
                  num_allocated_qps: int = 0, num_cpu_timeout_secs: int = 300, num_gpu_timeout_secs: int = 100,
-                 explicitly_destroy: bool = False) -> None:
+                 explicitly_destroy: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.group = group
+        self.peers = Peers(group, timeout_s)
         self.rank_idx = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         if num_bytes is None:
@@ -84,8 +91,11 @@ class ReferenceElasticBuffer:
         self._calls = itertools.count()
 
     def destroy(self) -> None:
+        """Collective, as DeepEP's: waits (bounded) for every rank before releasing the buffer."""
         assert self.explicitly_destroy
-        self.runtime = None
+        if self.runtime is not None:
+            barrier(self.peers, collective_device(self.group), "destroy")
+            self.runtime = None
 
     @staticmethod
     def get_buffer_size_hint(group: dist.ProcessGroup, num_max_tokens_per_rank: int, hidden: int,
@@ -139,7 +149,7 @@ class ReferenceElasticBuffer:
         dst_rows = [torch.nonzero(in_rank[:, r], as_tuple=True)[0] for r in range(ranks)]
         send_token_idx = torch.cat(dst_rows)
         send_counts = [int(t.numel()) for t in dst_rows]
-        recv_counts = exchange_counts(send_counts, self.group, device)
+        recv_counts = exchange_counts(send_counts, self.peers, device, "dispatch")
         num_recv = sum(recv_counts)
 
         has_w = topk_weights is not None
@@ -147,7 +157,7 @@ class ReferenceElasticBuffer:
         meta = [topk_idx[send_token_idx].to(torch.int64), send_token_idx.to(torch.int64) + rank * m]
         if has_w:
             meta.append(topk_weights[send_token_idx].float())
-        got = pack.unpack(exchange_rows(pack.pack(meta), send_counts, recv_counts, self.group))
+        got = pack.unpack(exchange_rows(pack.pack(meta), send_counts, recv_counts, self.peers, "dispatch"))
         recv_gidx, recv_src_global = got[0], got[1]
         recv_w = got[2] if has_w else None
 
@@ -235,7 +245,8 @@ class ReferenceElasticBuffer:
                 parts.append((extra.dtype, tuple(extra.shape[1:])))
                 rows.append(extra[route.send_token_idx])
         pack = RowPack(parts)
-        got = pack.unpack(exchange_rows(pack.pack(rows), route.send_counts, route.recv_counts, self.group))
+        got = pack.unpack(exchange_rows(pack.pack(rows), route.send_counts, route.recv_counts, self.peers,
+                                        "dispatch"))
         rx = got.pop(0)
         rsf = got.pop(0) if sf is not None else None
         rw = got.pop(0) if weights is not None else None
@@ -314,7 +325,7 @@ class ReferenceElasticBuffer:
         gidx = handle.topk_idx[route.send_token_idx]
         pack = RowPack([(torch.int64, (gidx.shape[1],))])
         recv_gidx = pack.unpack(exchange_rows(pack.pack([gidx.to(torch.int64)]), route.send_counts,
-                                              route.recv_counts, self.group))[0]
+                                              route.recv_counts, self.peers, "dispatch"))[0]
         recv_idx, _ = to_local_ids(recv_gidx, self.rank_idx, local)
         recv = (self._place(rx, route), self._place(rsf, route)) if sf is not None else self._place(rx, route)
         w_out = self._place(rw, route) if rw is not None else None
@@ -353,7 +364,8 @@ class ReferenceElasticBuffer:
             parts.append((torch.float32, (topk,)))
             tensors.append(w_rows)
         pack = RowPack(parts)
-        back = pack.unpack(exchange_rows(pack.pack(tensors), route.recv_counts, route.send_counts, self.group))
+        back = pack.unpack(exchange_rows(pack.pack(tensors), route.recv_counts, route.send_counts, self.peers,
+                                         "combine"))
         out = torch.zeros((route.num_tokens, hidden), dtype=torch.float32, device=x.device)
         combined_w = (torch.zeros((route.num_tokens, topk), dtype=torch.float32, device=x.device)
                       if topk_weights is not None else None)

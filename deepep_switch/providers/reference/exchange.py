@@ -3,6 +3,11 @@
 Every tensor that travels with a row (hidden states, FP8 scales, ids, weights, source indices) is packed into
 one ``uint8`` matrix, so each exchange is a single ``all_to_all_single`` with uneven splits. Bytes travel on
 every backend (gloo has no float8 or, in older versions, bfloat16), on CPU (gloo) and GPU (NCCL) alike.
+
+Every collective here goes through :class:`~deepep_switch.deadline.Peers`: it completes within the buffer's
+deadline or raises :class:`~deepep_switch.deadline.CommunicationTimeout` naming the operation ("dispatch",
+"combine", ...) and the ranks that never arrived, so one rank that fails before communicating makes its peers
+raise instead of hang.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from ...deadline import Peers
 
 
 def as_row_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -67,16 +74,19 @@ def to_local_ids(global_ids: torch.Tensor, rank: int, local_experts: int) -> tup
     return torch.where(owned, global_ids - first, torch.full_like(global_ids, -1)), owned
 
 
-def exchange_counts(send_counts: list[int], group: Optional[dist.ProcessGroup], device: torch.device) -> list[int]:
-    """Tell every rank how many rows it will receive from each rank; returns the receive counts."""
+def exchange_counts(send_counts: list[int], peers: Peers, device: torch.device, operation: str) -> list[int]:
+    """Tell every rank how many rows it will receive from each rank; returns the receive counts.
+
+    ``send_counts[r]`` = rows this rank sends to rank r; the result's ``[s]`` = rows it receives from rank s.
+    """
     send = torch.tensor(send_counts, dtype=torch.int64, device=device)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    peers.collective(operation, lambda: dist.all_to_all_single(recv, send, group=peers.group, async_op=True))
     return [int(v) for v in recv.tolist()]
 
 
-def exchange_rows(rows: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-                  group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def exchange_rows(rows: torch.Tensor, send_counts: list[int], recv_counts: list[int], peers: Peers,
+                  operation: str) -> torch.Tensor:
     """Send ``rows`` (uint8 ``[sum(send_counts), B]``, grouped by destination rank in rank order).
 
     Returns the received uint8 ``[sum(recv_counts), B]``, grouped by source rank in rank order, each group in
@@ -84,17 +94,24 @@ def exchange_rows(rows: torch.Tensor, send_counts: list[int], recv_counts: list[
     """
     width = rows.shape[1]
     recv = torch.empty((sum(recv_counts), width), dtype=torch.uint8, device=rows.device)
-    dist.all_to_all_single(recv, rows.contiguous(), output_split_sizes=recv_counts,
-                           input_split_sizes=send_counts, group=group)
+    send = rows.contiguous()
+    peers.collective(operation, lambda: dist.all_to_all_single(
+        recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=peers.group,
+        async_op=True))
     return recv
 
 
-def all_gather_counts(values: list[int], group: Optional[dist.ProcessGroup], device: torch.device) -> torch.Tensor:
+def all_gather_counts(values: list[int], peers: Peers, device: torch.device, operation: str) -> torch.Tensor:
     """``[R, len(values)]`` int64 table of every rank's ``values``."""
     local = torch.tensor(values, dtype=torch.int64, device=device)
-    out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, local, group=group)
+    out = [torch.empty_like(local) for _ in range(peers.world_size)]
+    peers.collective(operation, lambda: dist.all_gather(out, local, group=peers.group, async_op=True))
     return torch.stack(out)
+
+
+def barrier(peers: Peers, device: torch.device, operation: str) -> None:
+    """Wait (bounded) until every rank of the group reaches this point, as DeepEP's collective calls do."""
+    all_gather_counts([peers.rank], peers, device, operation)
 
 
 class NoEvent:

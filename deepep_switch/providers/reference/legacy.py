@@ -10,7 +10,9 @@ Same constructor, statics, return tuples and semantics as ``deep_ep.Buffer`` 2.1
   layout is ``[E_local, R*N, H]`` with ``recv_count``; FP8 uses DeepEP's per-128-channel recipe with scales
   ``[E_local, R*N, H/128]`` (token dim contiguous); ``low_latency_combine`` is the weighted sum.
 
-It synchronises the host (it asks peers for counts), so unlike DeepEP it is not CUDA-graph capturable.
+It synchronises the host (it asks peers for counts), so unlike DeepEP it is not CUDA-graph capturable. Every wait
+for peers is bounded by ``timeout_s`` (raising :class:`~deepep_switch.deadline.CommunicationTimeout`), and
+``destroy()`` is collective, as DeepEP's is.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 import torch.distributed as dist
 
 from ...quant.fp8 import quantize_fp8
-from .exchange import (NoEvent, RowPack, all_gather_counts, exchange_counts, exchange_rows, no_hook, to_local_ids,
-                       token_in_rank)
+from ...deadline import Peers, collective_device
+from ...settings import DEFAULT_TIMEOUT_S
+from .exchange import (NoEvent, RowPack, all_gather_counts, barrier, exchange_counts, exchange_rows, no_hook,
+                       to_local_ids, token_in_rank)
 from .hints import ReferenceConfig, low_latency_rdma_size_hint
 
 XType = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -76,6 +80,8 @@ class ReferenceBuffer:
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, enable_shrink, comm:
             accepted for signature compatibility and ignored.
         explicitly_destroy: require an explicit ``destroy()``, as DeepEP does.
+        timeout_s: the deadline, in seconds, on each wait for peers (not a ``deep_ep.Buffer`` argument: the
+            wrapper's plan passes it to the reference providers only).
     """
 
     num_sms: int = 20
@@ -84,12 +90,13 @@ class ReferenceBuffer:
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
                  use_fabric: Optional[bool] = None, explicitly_destroy: bool = False,
-                 enable_shrink: bool = False, comm: Any = None) -> None:
+                 enable_shrink: bool = False, comm: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if group is None:
             raise ValueError("ReferenceBuffer needs a torch.distributed process group")
         if num_nvl_bytes % 128 or num_rdma_bytes % 128:
             raise ValueError("buffer byte counts must be multiples of 128")
         self.group = group
+        self.peers = Peers(group, timeout_s)
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
         self.num_nvl_bytes = num_nvl_bytes
@@ -100,7 +107,10 @@ class ReferenceBuffer:
 
     # ------------------------------------------------------------------ lifecycle and statics
     def destroy(self) -> None:
+        """Collective, as DeepEP's: waits (bounded) for every rank before releasing the buffer."""
         assert self.explicitly_destroy, "`explicitly_destroy` flag must be set"
+        self._check_alive()
+        barrier(self.peers, collective_device(self.group), "destroy")
         self.runtime = None
 
     @staticmethod
@@ -161,7 +171,7 @@ class ReferenceBuffer:
         if handle is not None:
             assert topk_idx is None and topk_weights is None, "cached dispatch reuses the handle's routing"
             route: _NormalRoute = handle[5]
-            recv_x, recv_scales = self._move_rows(x_data, x_scales, route)
+            recv_x, recv_scales = self._move_rows(x_data, x_scales, route, "dispatch")
             recv = (recv_x, recv_scales) if x_scales is not None else recv_x
             return recv, None, None, None, None, NoEvent()
 
@@ -177,7 +187,7 @@ class ReferenceBuffer:
         dst_rows = [torch.nonzero(is_token_in_rank[:, r], as_tuple=True)[0] for r in range(ranks)]
         send_token_idx = torch.cat(dst_rows)
         send_counts = [int(t.numel()) for t in dst_rows]
-        recv_counts = exchange_counts(send_counts, self.group, device)
+        recv_counts = exchange_counts(send_counts, self.peers, device, "dispatch")
         num_recv = sum(recv_counts)
         route = _NormalRoute(send_token_idx, send_counts, recv_counts, x_data.shape[0], num_recv)
 
@@ -185,8 +195,9 @@ class ReferenceBuffer:
         pack = RowPack([(torch.int64, (topk,)), (torch.float32, (topk,)), (torch.int64, ())])
         sent = pack.pack([topk_idx[send_token_idx].to(torch.int64), topk_weights[send_token_idx].float(),
                           send_token_idx.to(torch.int64)])
-        recv_idx, recv_w, recv_src = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.group))
-        recv_x, recv_scales = self._move_rows(x_data, x_scales, route)
+        recv_idx, recv_w, recv_src = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.peers,
+                                                               "dispatch"))
+        recv_x, recv_scales = self._move_rows(x_data, x_scales, route, "dispatch")
 
         recv_idx, owned = to_local_ids(recv_idx, rank, local_experts)
         recv_w = torch.where(owned, recv_w, torch.zeros_like(recv_w))
@@ -194,7 +205,7 @@ class ReferenceBuffer:
         align = max(1, expert_alignment)
         counts_list = [int(-(-c // align) * align) for c in counts.tolist()]
 
-        gathered = all_gather_counts(recv_counts, self.group, device)  # [r, s] = rows r receives from s
+        gathered = all_gather_counts(recv_counts, self.peers, device, "dispatch")  # [r, s] = rows r receives from s
         rank_prefix_matrix = gathered.t().cumsum(dim=0).to(torch.int32)
         handle = (rank_prefix_matrix, None, None, recv_src.to(torch.int32), is_token_in_rank, route)
 
@@ -211,13 +222,14 @@ class ReferenceBuffer:
         recv = (recv_x, recv_scales) if x_scales is not None else recv_x
         return recv, recv_idx, recv_w, counts_list, handle, NoEvent()
 
-    def _move_rows(self, x: torch.Tensor, scales: Optional[torch.Tensor],
-                   route: _NormalRoute) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _move_rows(self, x: torch.Tensor, scales: Optional[torch.Tensor], route: _NormalRoute,
+                   operation: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         hidden = x.shape[1]
         parts = [(x.dtype, (hidden,))] + ([(scales.dtype, (scales.shape[1],))] if scales is not None else [])
         pack = RowPack(parts)
         rows = [x[route.send_token_idx]] + ([scales[route.send_token_idx]] if scales is not None else [])
-        recv = pack.unpack(exchange_rows(pack.pack(rows), route.send_counts, route.recv_counts, self.group))
+        recv = pack.unpack(exchange_rows(pack.pack(rows), route.send_counts, route.recv_counts, self.peers,
+                                         operation))
         return recv[0], (recv[1] if scales is not None else None)
 
     def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor] = None,
@@ -235,7 +247,8 @@ class ReferenceBuffer:
             parts.append((torch.float32, (topk_weights.shape[1],)))
             tensors.append(topk_weights[:route.num_recv].float())
         pack = RowPack(parts)
-        back = pack.unpack(exchange_rows(pack.pack(tensors), route.recv_counts, route.send_counts, self.group))
+        back = pack.unpack(exchange_rows(pack.pack(tensors), route.recv_counts, route.send_counts, self.peers,
+                                         "combine"))
         out = self._reduce_by_rank(back[0].float(), route)
         combined_w = self._reduce_by_rank(back[1], route) if topk_weights is not None else None
         bias_0, bias_1 = bias if isinstance(bias, tuple) else (bias, None)
@@ -283,11 +296,11 @@ class ReferenceBuffer:
                               + t_idx * topk_idx.shape[1] + k_idx, stable=True)
         t_idx, k_idx, expert = t_idx[order], k_idx[order], expert[order]
         send_counts = torch.bincount(expert // local_experts, minlength=ranks).tolist()
-        recv_counts = exchange_counts(send_counts, self.group, device)
+        recv_counts = exchange_counts(send_counts, self.peers, device, "low_latency_dispatch")
         pack = RowPack([(torch.bfloat16, (hidden,)), (torch.int64, ()), (torch.int64, ()), (torch.int64, ())])
         sent = pack.pack([x[t_idx].to(torch.bfloat16), (expert % local_experts).to(torch.int64),
                           t_idx.to(torch.int64), k_idx.to(torch.int64)])
-        rx, rl, rt, rk = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.group))
+        rx, rl, rt, rk = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.peers, "low_latency_dispatch"))
         rs = torch.repeat_interleave(torch.arange(ranks, device=device), torch.tensor(recv_counts, device=device))
 
         # Place rows: expert-major, then source rank, then arrival order (token, k).
@@ -332,10 +345,10 @@ class ReferenceBuffer:
         hidden = x.shape[2]
         order = torch.argsort(rs, stable=True)
         send_counts = torch.bincount(rs, minlength=ranks).tolist()
-        recv_counts = exchange_counts(send_counts, self.group, x.device)
+        recv_counts = exchange_counts(send_counts, self.peers, x.device, "low_latency_combine")
         pack = RowPack([(torch.bfloat16, (hidden,)), (torch.int64, ()), (torch.int64, ())])
         sent = pack.pack([x[rl[order], slot[order]].to(torch.bfloat16), rt[order], rk[order]])
-        y, t, k = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.group))
+        y, t, k = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.peers, "low_latency_combine"))
         weights = torch.where(topk_idx >= 0, topk_weights.float(), torch.zeros_like(topk_weights, dtype=torch.float32))
         combined = torch.zeros((topk_idx.shape[0], hidden), dtype=torch.float32, device=x.device)
         combined.index_add_(0, t, y.float() * weights[t, k].unsqueeze(1))
