@@ -61,6 +61,7 @@ import mmap, os, signal, struct, sys, time
 fd, ppid, slots, tick, sig, code = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]),
                                     int(sys.argv[5]), sys.argv[6])
 header, meta = struct.Struct("<8sqqq"), struct.Struct("<qqqq64s")
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the watched process; this one follows it out
 table = mmap.mmap(fd, 0)
 armed = memoryview(table)[64:64 + 8 * slots].cast("q")
 meta_at = 64 + 8 * slots
