@@ -150,6 +150,8 @@ class RouterBase(ABC, Generic[PathT]):
         validator = validator_for(wrapper.decision.settings.validation, self.hidden_size, self.num_topk,
                                   self.num_experts, self.device if real_deep_ep else None)
         self.validation = validator.mode
+        # Which id clean-up runs ("triton"/"torch"), or None when ids go to DeepEP as given (off).
+        self.id_cleanup = validator.kernel
         self._check_inputs = validator.check_inputs
         self._check_values = validator.check_values
         self._clean_ids = validator.clean_ids

@@ -7,7 +7,8 @@ order and with no mode test of its own:
    tensor op, no host sync);
 2. ``check_values(a1, topk_weights, topk_ids)``: value checks that synchronise the host (``full`` only);
 3. ``clean_ids(ids) -> ids`` on the TP-sliced int64 ids: device-side, graph-safe clean-up (``basic`` and ``full``;
-   after ``full``'s checks pass it changes nothing, but it keeps CUDA graphs captured in ``full`` safe).
+   after ``full``'s checks pass it changes nothing, but it keeps CUDA graphs captured in ``full`` safe). One
+   Triton launch on CUDA, a few torch ops elsewhere (:mod:`deepep_switch.kernels.ids`).
 
 Every check runs before any communication. ``finalize`` always runs :func:`check_output` (host-only) against
 the shape its ``prepare`` delivered, before the combine communicates.
@@ -27,6 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
+from deepep_switch.kernels.ids import id_cleaner_for, repeated_ids
 from deepep_switch.settings import Validation
 
 logger = logging.getLogger("routers.validation")
@@ -34,16 +36,6 @@ logger = logging.getLogger("routers.validation")
 _BF16 = torch.bfloat16
 _F32 = torch.float32
 _ID_DTYPES = (torch.int32, torch.int64)
-
-
-def repeated_ids(ids: torch.Tensor) -> torch.Tensor:
-    """bool ``[T, K]``: True where ``ids[t, k]`` equals an id earlier in row ``t`` (``ids[t, j]``, ``j < k``).
-
-    ``O(T*K*K)`` comparisons in four device kernels, no host sync (K <= 32 in DeepEP, so at most 1024 per token).
-    Repeats of -1 are flagged too; callers that care mask them out.
-    """
-    same = ids.unsqueeze(2) == ids.unsqueeze(1)          # [T, K, K]: same[t, k, j] = ids[t, k] == ids[t, j]
-    return same.tril(diagonal=-1).any(dim=2)              # keep j < k only
 
 
 def check_output(y: torch.Tensor, expected: torch.Size, device: torch.device) -> None:
@@ -77,6 +69,8 @@ class OffValidator:
     mode = Validation.OFF
     clean_ids: Callable[[torch.Tensor], torch.Tensor]
     """int64 ``[T, K]`` TP-sliced ids -> the int64 ``[T, K]`` ids to dispatch; bound per mode at construction."""
+    kernel: Optional[str] = None
+    """Which id clean-up runs: "triton" (one launch, CUDA), "torch", or None (ids kept)."""
 
     def __init__(self, hidden: int, num_topk: int, num_experts: int, device: Optional[torch.device]) -> None:
         self.hidden, self.num_topk, self.num_experts, self.device = hidden, num_topk, num_experts, device
@@ -103,8 +97,8 @@ class BasicValidator(OffValidator):
 
     def __init__(self, hidden: int, num_topk: int, num_experts: int, device: Optional[torch.device]) -> None:
         super().__init__(hidden, num_topk, num_experts, device)
-        # With one id per row nothing can repeat: bind the cheaper clean-up once.
-        self.clean_ids = self._drop_out_of_range if num_topk == 1 else self._drop_out_of_range_and_repeats
+        # The Triton kernel where real DeepEP runs (CUDA), the torch ops elsewhere (reference providers).
+        self.kernel, self.clean_ids = id_cleaner_for(device or torch.device("cpu"), num_topk, num_experts)
 
     def check_inputs(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> int:
         """bf16 ``a1 [T, H]``, float32 ``topk_weights [T, K]``, int32/int64 ``topk_ids [T, K]``, all on the
@@ -125,16 +119,6 @@ class BasicValidator(OffValidator):
             raise ValueError(f"a1, topk_weights and topk_ids must be on {device}, got "
                              f"{a1.device}/{topk_weights.device}/{topk_ids.device}")
         return tokens
-
-    def _drop_out_of_range(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 ``[T, K]`` -> a new int64 ``[T, K]`` with every id outside ``[0, E)`` set to -1."""
-        clamped = ids.clamp(-1, self.num_experts)        # < -1 -> -1; >= E -> E
-        return clamped.masked_fill(clamped == self.num_experts, -1)
-
-    def _drop_out_of_range_and_repeats(self, ids: torch.Tensor) -> torch.Tensor:
-        """As :meth:`_drop_out_of_range`, and every repeat of an earlier id in the row set to -1."""
-        clamped = ids.clamp(-1, self.num_experts)
-        return clamped.masked_fill((clamped == self.num_experts) | repeated_ids(clamped), -1)
 
 
 def _never() -> bool:

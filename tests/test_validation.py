@@ -7,6 +7,7 @@ barrier, so a check that communicated by mistake would time out the spawn (a fai
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Any, Callable
@@ -23,7 +24,8 @@ from deepep_switch.settings import Validation, env_name, load_settings
 from deepep_switch.testing import (MoEProblem, ToyExperts, dense_reference, layer_config, low_latency_executor,
                                    make_problem, normal_executor, relative_error, run_moe_layer)
 from routers import CombineForwardPayload, LowLatencyRouter, NormalRouter, RouterOptions
-from routers.validation import FullValidator, OffValidator, check_output, repeated_ids, validator_for
+from deepep_switch.kernels.ids import drop_bad_ids_torch, drop_out_of_range_torch, id_cleaner_for, repeated_ids
+from routers.validation import FullValidator, OffValidator, check_output, validator_for
 
 TOL = 1e-2
 H, E, K = 128, 8, 4            # 2 ranks: 4 local experts each
@@ -106,6 +108,18 @@ def test_basic_clean_ids_matches_the_plain_python_rule():
         assert torch.equal(ids, before)  # the caller's tensor is never modified
     empty = torch.empty((0, 4), dtype=torch.int64)
     assert validator_for(Validation.BASIC, H, 4, 8, None).clean_ids(empty).shape == (0, 4)
+
+
+def test_torch_cleaners_and_their_binding_off_cuda():
+    ids = torch.tensor([[8, -5, 3, 3], [1, 2, 1, -1], [7, 108, -1, 7]])
+    assert drop_bad_ids_torch(ids, E).tolist() == [[-1, -1, 3, -1], [1, 2, -1, -1], [7, -1, -1, -1]]
+    assert drop_out_of_range_torch(ids, E).tolist() == [[-1, -1, 3, 3], [1, 2, 1, -1], [7, -1, -1, 7]]
+    name, clean = id_cleaner_for(torch.device("cpu"), K, E)
+    assert name == "torch" and torch.equal(clean(ids), drop_bad_ids_torch(ids, E))
+    name, clean = id_cleaner_for(torch.device("cpu"), 1, E)  # nothing can repeat with one id per row
+    assert name == "torch" and clean(ids[:, :1]).tolist() == [[-1], [1], [7]]
+    assert validator_for(Validation.BASIC, H, K, E, None).kernel == "torch"
+    assert validator_for(Validation.OFF, H, K, E, None).kernel is None
 
 
 def test_repeated_ids_flags_later_occurrences_only():
@@ -482,6 +496,7 @@ def test_checks_and_id_clean_up_capture_in_a_cuda_graph(mode):
     them and every replay cleans the ids then in its static input."""
     device = _device(True)
     v = validator_for(mode, GPU_H, K, E, device)
+    assert v.kernel == ("triton" if importlib.util.find_spec("triton") else "torch")
     a1 = torch.zeros((64, GPU_H), dtype=torch.bfloat16, device=device)
     w = torch.ones((64, K), device=device)
     ids = torch.zeros((64, K), dtype=torch.int64, device=device)
@@ -513,6 +528,21 @@ def test_checks_and_id_clean_up_capture_in_a_cuda_graph(mode):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out.cpu(), clean_reference(new, E))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not importlib.util.find_spec("triton"),
+                    reason="needs a CUDA GPU and Triton")
+def test_triton_id_clean_up_equals_the_torch_one():
+    from deepep_switch.kernels.triton_ids import drop_bad_ids_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for topk in (2, 4, 8, 9, 32):
+        for tokens in (0, 1, 5, 128, 4096, 70000):
+            ids = torch.randint(-40, 600, (tokens, topk), device="cuda", generator=gen)
+            ids[::2] %= 6  # many repeats
+            strided = ids.t().contiguous().t()
+            for x in (ids, strided):
+                assert torch.equal(drop_bad_ids_triton(x, 256), drop_bad_ids_torch(x, 256)), (topk, tokens)
 
 
 @pytest.mark.gpu
