@@ -488,7 +488,9 @@ def test_finalize_rejects_a_wrong_output_before_combining_and_can_be_retried():
 
 
 # ---------------------------------------------------------------------------------------------- GPUs
+# Marked gpu so that ``scripts/gpu-validate.sh validation`` (pytest -m gpu) runs them on the device.
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", [Validation.BASIC, Validation.FULL])
 def test_checks_and_id_clean_up_capture_in_a_cuda_graph(mode):
@@ -530,6 +532,7 @@ def test_checks_and_id_clean_up_capture_in_a_cuda_graph(mode):
         assert torch.equal(static_out.cpu(), clean_reference(new, E))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not importlib.util.find_spec("triton"),
                     reason="needs a CUDA GPU and Triton")
 def test_triton_id_clean_up_equals_the_torch_one():
