@@ -19,12 +19,12 @@ import torch.distributed as dist
 from _helpers import settings_from_env
 from deepep_switch import DeepEPWrapper
 from deepep_switch.decision import AGREED_KNOBS, Vote, agree, knob_from_int, knob_to_int, resolve_backend
+from deepep_switch.kernels.ids import drop_bad_ids_torch, drop_out_of_range_torch, id_cleaner_for, repeated_ids
 from deepep_switch.launch import spawn
 from deepep_switch.settings import Validation, env_name, load_settings
 from deepep_switch.testing import (MoEProblem, ToyExperts, dense_reference, layer_config, low_latency_executor,
                                    make_problem, normal_executor, relative_error, run_moe_layer)
 from routers import CombineForwardPayload, LowLatencyRouter, NormalRouter, RouterOptions
-from deepep_switch.kernels.ids import drop_bad_ids_torch, drop_out_of_range_torch, id_cleaner_for, repeated_ids
 from routers.validation import FullValidator, OffValidator, check_output, validator_for
 
 TOL = 1e-2
