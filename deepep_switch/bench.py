@@ -7,8 +7,10 @@ For each backend (legacy, elastic) and mode it times, per rank, the median of ``
 * ``raw graph`` / ``graph`` - (low-latency) the same two round trips captured once in a CUDA graph and replayed,
   which is how decode runs in production (no Python or launch overhead left).
 
-It also reports the buffer bytes each backend was sized to and the device memory the wrapper took. Timings
-use CUDA events after a barrier; on CPU (reference providers) they are wall-clock and mean nothing for speed.
+It also reports the buffer bytes each backend was sized to and the device memory the wrapper took, and the
+router's validation mode (``BenchSpec.validation``, else ``RTP_LLM_DEEPEP_VALIDATE``, which the spawned ranks
+inherit). Timings use CUDA events after a barrier; on CPU (reference providers) they are wall-clock and mean
+nothing for speed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class BenchSpec:
     backends: tuple[str, ...] = ("legacy", "elastic")
     use_fp8: bool = False
     profile_path: Optional[str] = None  # rank 0 appends torch.profiler tables (raw vs router) here
+    validation: Optional[str] = None  # off/basic/full; None: RTP_LLM_DEEPEP_VALIDATE (default basic)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Row:
     device_bytes: int = 0
     layout_ops: Optional[str] = None
     host_us: Optional[dict[str, float]] = None
+    validation: str = ""
 
 
 class _Timer:
@@ -200,7 +204,8 @@ def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool) -> list[dict[
     timer = _Timer(cuda)
     rows: list[dict[str, Any]] = []
     for backend in spec.backends:
-        settings = load_settings(backend_raw=backend)
+        settings = load_settings(backend_raw=backend,
+                                 **({"validation": spec.validation} if spec.validation else {}))
         for low_latency, token_list in ((False, spec.normal_tokens), (True, spec.low_latency_tokens)):
             for tokens in token_list:
                 free_before = torch.cuda.mem_get_info()[0] if cuda else 0
@@ -231,7 +236,8 @@ def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool) -> list[dict[
                         host = _host_breakdown(router, trip, 20)
                     row = Row(wrapper.backend.value, "low_latency" if low_latency else "normal", tokens, raw, routed,
                               raw_graph, graph, wrapper.buffer_bytes, int(used),
-                              getattr(router, "layout_ops", None) if low_latency else None, host)
+                              getattr(router, "layout_ops", None) if low_latency else None, host,
+                              router.validation.value)
                     rows.append(asdict(row))
                 finally:
                     DeepEPWrapper.reset()
@@ -258,11 +264,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def pct(a: Optional[float], b: Optional[float]) -> str:
         return f"{(a / b - 1.0) * 100:8.1f}%" if a is not None and b else f"{'-':>9}"
 
-    head = (f"{'backend':8} {'mode':12} {'tokens':>6} {'raw':>10} {'router':>10} {'overhead':>9} "
+    head = (f"{'backend':8} {'mode':12} {'validate':8} {'tokens':>6} {'raw':>10} {'router':>10} {'overhead':>9} "
             f"{'raw graph':>10} {'graph':>10} {'overhead':>9}  buffer bytes")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['backend']:8} {r['mode']:12} {r['tokens']:6d} {cell(r['raw_us'])} {cell(r['router_us'])} "
+        lines.append(f"{r['backend']:8} {r['mode']:12} {r.get('validation', ''):8} {r['tokens']:6d} "
+                     f"{cell(r['raw_us'])} {cell(r['router_us'])} "
                      f"{pct(r['router_us'], r['raw_us'])} {cell(r['raw_graph_us'])} {cell(r['graph_us'])} "
                      f"{pct(r['graph_us'], r['raw_graph_us'])}  {r['buffer_bytes']}")
     for r in rows:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from enum import Enum
+from typing import Any, Optional
 
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,12 +38,33 @@ from .settings import (BACKEND_ENV, BackendChoice, LoadedSettings, ProviderChoic
 
 logger = logging.getLogger("deepep_switch.decision")
 
-# Knobs every rank must hold equal, because they shape buffers or kernel launches.
+# Knobs every rank must hold equal, because they shape buffers or kernel launches, or (validation) decide
+# whether a rank raises or drops ids before a collective call.
 AGREED_KNOBS = (
     "num_sms", "max_tokens_per_rank", "elastic_allow_hybrid", "elastic_deterministic",
-    "elastic_prefer_overlap", "elastic_allow_multiple_reduction",
+    "elastic_prefer_overlap", "elastic_allow_multiple_reduction", "validation",
 )
 _PROVIDERS = list(ProviderChoice)
+
+
+def knob_to_int(value: Any) -> int:
+    """An agreed knob's value as the integer it travels as: an enum member's index, else ``int(value)``."""
+    if isinstance(value, Enum):
+        return list(type(value)).index(value)
+    return int(value)
+
+
+def knob_from_int(knob: str, value: int) -> Any:
+    """Inverse of :func:`knob_to_int` for the field ``knob`` of :class:`SwitchSettings`."""
+    annotation = SwitchSettings.model_fields[knob].annotation
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return list(annotation)[value]
+    return bool(value) if annotation is bool else value
+
+
+def _knob_label(knob: str, value: int) -> str:
+    decoded = knob_from_int(knob, value)
+    return decoded.value if isinstance(decoded, Enum) else str(decoded)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -60,7 +82,7 @@ class Vote:
         unknown_backend: 1 when this rank's RTP_LLM_DEEPEP_BACKEND was not recognised (it then asks for legacy).
         knob_problems: how many malformed RTP_LLM_DEEPEP_* knobs this rank has.
         registry: the registry's digest (ranks must register the same generations in the same order).
-        num_sms ... elastic_allow_multiple_reduction: the AGREED_KNOBS.
+        num_sms ... validation: the AGREED_KNOBS (enums as their member index, see :func:`knob_to_int`).
         fail_masks: per registered generation (registry order, ``MAX_BACKENDS`` slots), the failed preflight
             checks gating it, bit ``check_names().index(name)``.
         blueprint: what this rank is about to build (:class:`~deepep_switch.blueprint.Blueprint` values; all
@@ -79,6 +101,7 @@ class Vote:
     elastic_deterministic: int
     elastic_prefer_overlap: int
     elastic_allow_multiple_reduction: int
+    validation: int
     fail_masks: tuple[int, ...] = (0,) * registry.MAX_BACKENDS
     blueprint: tuple[int, ...] = field(default_factory=lambda: Blueprint.absent().values)
 
@@ -92,7 +115,7 @@ class Vote:
         return cls(
             provider=_PROVIDERS.index(s.provider), mode=backend_choices().index(choice), strict=int(s.strict),
             unknown_backend=int(problem is not None), knob_problems=len(loaded.knob_problems),
-            registry=registry.digest(), **{k: int(getattr(s, k)) for k in AGREED_KNOBS},
+            registry=registry.digest(), **{k: knob_to_int(getattr(s, k)) for k in AGREED_KNOBS},
             fail_masks=tuple(masks + [0] * (registry.MAX_BACKENDS - len(masks))),
             blueprint=(blueprint or Blueprint.absent()).values,
         )
@@ -122,7 +145,7 @@ class Agreement(BaseModel):
     resolved: Backend
     runnable: bool = Field(description="the resolved backend passed preflight on every rank")
     reasons: list[str]
-    knobs: dict[str, int]
+    knobs: dict[str, Any] = Field(description="every agreed knob's effective value, typed as in SwitchSettings")
     strict: bool
     disagreements: dict[str, dict[str, list[int]]] = Field(
         default_factory=dict, description="setting -> value -> ranks holding it, for every disagreement")
@@ -229,16 +252,17 @@ def agree(table: list[Vote], request_env: str = BACKEND_ENV) -> Agreement:
         errors.append(f"{request_env} is not a known backend on ranks {unknown} (see their warnings; "
                       f"accepted: {', '.join(c.value for c in choices)})")
 
-    knobs: dict[str, int] = {}
+    knobs: dict[str, Any] = {}
     for knob in AGREED_KNOBS:
         by_value = _ranks_by_value([getattr(v, knob) for v in table])
         if len(by_value) == 1:
-            knobs[knob] = next(iter(by_value))
+            knobs[knob] = knob_from_int(knob, next(iter(by_value)))
             continue
-        default = int(SwitchSettings.model_fields[knob].default)
+        default = SwitchSettings.model_fields[knob].default
         knobs[knob] = default
-        disagreements[knob] = {str(value): r for value, r in by_value.items()}
-        message = f"ranks disagree on {env_name(knob)} {disagreements[knob]}: every rank uses the default {default}"
+        disagreements[knob] = {_knob_label(knob, value): r for value, r in by_value.items()}
+        shown = default.value if isinstance(default, Enum) else knob_to_int(default)
+        message = f"ranks disagree on {env_name(knob)} {disagreements[knob]}: every rank uses the default {shown}"
         reasons.append(message)
         if strict:
             errors.append(message)

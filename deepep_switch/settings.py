@@ -30,6 +30,7 @@ BACKEND_ENV = "RTP_LLM_DEEPEP_BACKEND"
 BACKEND_NORMAL_ENV = "RTP_LLM_DEEPEP_BACKEND_NORMAL"
 BACKEND_LOW_LATENCY_ENV = "RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY"
 PROVIDER_ENV = "DEEPEP_SWITCH_PROVIDER"
+VALIDATE_ENV = "RTP_LLM_DEEPEP_VALIDATE"
 _ENV_PREFIX = "RTP_LLM_DEEPEP_"
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -66,6 +67,28 @@ class ProviderChoice(str, Enum):
 
     DEEP_EP = "deep_ep"
     REFERENCE = "reference"
+
+
+class Validation(str, Enum):
+    """How much the routers check their inputs before DeepEP sees them (``RTP_LLM_DEEPEP_VALIDATE``).
+
+    * ``off``: only what deepep-switch's own code needs (the prepare/finalize protocol, the capacity, the
+      executor output's shape and dtype); ids go to DeepEP as given.
+    * ``basic`` (default): cheap host checks of shapes, dtypes and devices against the layer, and on the device
+      (no host sync, CUDA-graph safe) every expert id outside ``[0, E)`` and every repeated id in a row becomes -1.
+    * ``full``: everything ``basic`` does plus value checks that synchronise the host: ids in ``[-1, E)``, no
+      repeated id in a row, finite ``a1`` and ``topk_weights``; a violation raises ``ValueError`` naming the
+      argument, the token and the value, before any communication (skipped, with one warning, while a CUDA
+      graph is being captured: a host sync cannot be captured).
+
+    The field is ``validation`` (``validate`` would shadow pydantic's ``BaseModel.validate``).
+
+    See ``docs/payload-contract.md`` for what each mode costs and guarantees.
+    """
+
+    OFF = "off"
+    BASIC = "basic"
+    FULL = "full"
 
 
 def parse_backend(raw: Optional[str]) -> tuple[BackendChoice, Optional[str]]:
@@ -149,6 +172,12 @@ class SwitchSettings(BaseSettings):
         validation_alias=AliasChoices("ep_disable_gin", "EP_DISABLE_GIN"),
         description="DeepEP's own EP_DISABLE_GIN, read here (never written) so preflight can judge GIN.",
     )
+    validation: Validation = Field(
+        default=Validation.BASIC,
+        validation_alias=AliasChoices("validation", VALIDATE_ENV),
+        description="off, basic (default: cheap host checks, out-of-range and repeated ids dropped on the device) "
+                    "or full (also value checks with a host sync: ids, duplicates, NaN/Inf, raising ValueError).",
+    )
     timeout_s: float = Field(
         default=DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S,
         description="Deadline in seconds on every wait for peer ranks: the decision, construction, dispatch, "
@@ -167,9 +196,9 @@ class SwitchSettings(BaseSettings):
             raise ValueError("must be even (DeepEP splits SMs into send/receive pairs)")
         return value
 
-    @field_validator("provider", mode="before")
+    @field_validator("provider", "validation", mode="before")
     @classmethod
-    def _normalise_provider(cls, value: Any) -> Any:
+    def _normalise_choice(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
     @property

@@ -1,10 +1,15 @@
 """The shared shape of both routers: rtp-llm's ``prepare``/``finalize`` signatures around a bound backend path.
 
 A router is built once per MoE layer from the wrapper's decision. The backend path (one class per generation per
-router mode, declared in that generation's module and found through the registry) is bound in ``__init__``;
-``prepare`` and ``finalize`` only validate shapes (no host sync), slice by TP, call the bound path and build the
-payload. The dispatch handle lives on the router between the two calls: it must
-be empty when ``prepare`` starts and is cleared by ``finalize`` (even if the combine raises).
+router mode, declared in that generation's module and found through the registry) and the validator of the agreed
+``RTP_LLM_DEEPEP_VALIDATE`` mode (:mod:`routers.validation`) are bound in ``__init__``; ``prepare`` and
+``finalize`` only validate, slice by TP, call the bound path and build the payload.
+
+The open dispatch (the backend's handle, the executor-output shape ``prepare`` delivered, the ids it dispatched)
+lives on the router between the two calls. ``prepare`` refuses to start while one is open. ``finalize`` closes it
+once the combine has been attempted, even if the combine raises; a ``finalize`` that raises *before* communicating
+(a bad argument, or an executor output that does not match the dispatch) leaves it open, so ``finalize`` can be
+called again with a correct output and complete the combine the other ranks are waiting in.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Generic, Optional, TypeVar
+from typing import Any, Generic, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +32,7 @@ from deepep_switch.wrapper import DeepEPWrapper
 
 from .payloads import CombineForwardPayload, ExpertForwardPayload, FinalizeArgs
 from .tp import TensorParallelSlicer
+from .validation import check_output, validator_for
 
 logger = logging.getLogger("routers")
 
@@ -107,6 +113,26 @@ class _SuspendedPath:
     combine = dispatch
 
 
+class OpenDispatch(NamedTuple):
+    """What a router remembers between ``prepare`` and ``finalize`` (host-known, no host sync to build).
+
+    Attributes:
+        handle: the backend path's dispatch handle.
+        output_shape: the shape the executor's bf16 output must have: ``expert_x.shape`` (normal ``[N_recv, H]``,
+            low-latency ``[E_local, R*N, H]``).
+        output_device: where ``expert_x`` (and so the output) lives.
+        ids: int64 ``[T, K]``: the ids the dispatch used (TP-sliced, cleaned by the validation mode); the combine
+            gets these, so ids the dispatch never saw cannot reach DeepEP.
+        rejected: why the last ``finalize`` refused the executor's output, else None.
+    """
+
+    handle: Any
+    output_shape: torch.Size
+    output_device: torch.device
+    ids: torch.Tensor
+    rejected: Optional[str] = None
+
+
 class RouterBase(ABC, Generic[PathT]):
     """prepare/finalize around one bound backend path. Subclasses: NormalRouter, LowLatencyRouter."""
 
@@ -134,7 +160,15 @@ class RouterBase(ABC, Generic[PathT]):
                        else torch.device("cpu"))
         # Which quantiser kernel runs ("triton"/"torch"), or None without quantisation (nothing is compiled then).
         self.quantizer, self._quantize = quantizer_for(options.quant, self.device)
-        self._handle: Any = None
+        validator = validator_for(wrapper.decision.settings.validation, self.hidden_size, self.num_topk,
+                                  self.num_experts, self.device if self._real_deep_ep else None)
+        self.validation = validator.mode
+        # Which id clean-up runs ("triton"/"torch"), or None when ids go to DeepEP as given (off).
+        self.id_cleanup = validator.kernel
+        self._check_inputs = validator.check_inputs
+        self._check_values = validator.check_values
+        self._clean_ids = validator.clean_ids
+        self._handle: Optional[OpenDispatch] = None
         self._path: PathT = self._bind_path()
         wrapper.attach(self)  # told when the buffer is destroyed or rebuilt
 
@@ -167,11 +201,12 @@ class RouterBase(ABC, Generic[PathT]):
 
     @abstractmethod
     def _prepare(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[ExpertForwardPayload, Any]:
-        """TP-sliced bf16 ``x [T,H]``, int64 ``ids [T,K]``, float32 ``weights [T,K]`` -> (payload, handle)."""
+        """TP-sliced bf16 ``x [T,H]``, cleaned int64 ``ids [T,K]``, float32 ``weights [T,K]`` -> (payload, handle)."""
 
     @abstractmethod
     def _finalize(self, y: torch.Tensor, handle: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Expert output in the payload layout -> combined bf16 ``[T_tp, H]``."""
+        """Expert output in the payload layout (checked) -> combined bf16 ``[T_tp, H]``; ``topk_ids`` are the
+        int64 ids the dispatch used."""
 
     @property
     def backend(self) -> Backend:
@@ -186,7 +221,7 @@ class RouterBase(ABC, Generic[PathT]):
     @property
     def handle(self) -> Any:
         """The dispatch handle between prepare and finalize (the backend's own type), else None."""
-        return self._handle
+        return self._handle.handle if self._handle is not None else None
 
     def prepare(self, a1: torch.Tensor, a1_scale: Optional[torch.Tensor], a2_scale: Optional[torch.Tensor],
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor, **fork_kwargs: Any) -> ExpertForwardPayload:
@@ -197,19 +232,25 @@ class RouterBase(ABC, Generic[PathT]):
             a1_scale / a2_scale: must be None (the router quantises itself when ``use_fp8``).
             topk_weights: float32 ``[T, K]`` routing weights.
             topk_ids: int32/int64 ``[T, K]`` global expert ids, -1 for none.
+
+        Checks run in the order: protocol (scales, open dispatch), the validation mode's host checks, capacity,
+        ``full``'s value checks (one host sync), then ``basic``'s device-side id clean-up; every error is raised
+        before any communication. The payload's ids (``expert_topk_ids``) are the ids actually dispatched.
         """
         ignore_fork_kwargs(fork_kwargs)
         if a1_scale is not None or a2_scale is not None:
             raise ValueError("a1_scale and a2_scale must be None: the router quantises a1 itself")
         if self._handle is not None:
-            raise RuntimeError("prepare() called twice without finalize(): the previous dispatch is still open")
+            raise RuntimeError(self._still_open(self._handle))
         tokens = self._check_inputs(a1, topk_weights, topk_ids)
         local = self._tp.tokens_per_rank(tokens)
         if self.capacity is not None and local > self.capacity:
             raise ValueError(f"{local} tokens per rank exceed the buffer capacity of {self.capacity} "
                              "(raise the wrapper config's max tokens per rank or RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK)")
-        payload, self._handle = self._prepare(
-            self._tp.slice(a1), self._tp.slice(topk_ids).to(torch.int64), self._tp.slice(topk_weights))
+        self._check_values(a1, topk_weights, topk_ids)
+        ids = self._clean_ids(self._tp.slice(topk_ids).to(torch.int64))
+        payload, handle = self._prepare(self._tp.slice(a1), ids, self._tp.slice(topk_weights))
+        self._handle = OpenDispatch(handle, payload.expert_x.shape, payload.expert_x.device, ids)
         return payload
 
     def finalize(self, payload: CombineForwardPayload, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -217,28 +258,35 @@ class RouterBase(ABC, Generic[PathT]):
                  skip_allreduce: bool = False, **fork_kwargs: Any) -> torch.Tensor:
         """Return the expert outputs to their tokens: bf16 ``[original_num_tokens, H]``.
 
-        ``topk_weights``/``topk_ids`` are the payload's (as rtp-llm's FusedMoe passes them);
-        ``apply_router_weight_on_input`` is ignored, as in rtp-llm's DeepEP routers.
+        ``payload.fused_expert_output`` must be bf16 with ``expert_x``'s shape (checked on the host before the
+        combine, in every validation mode; a mismatch raises ValueError and leaves the dispatch open).
+        ``topk_weights`` are the payload's (as rtp-llm's FusedMoe passes them); the combine uses the ids the
+        dispatch used, so ``topk_ids`` is accepted for rtp-llm's signature only. ``apply_router_weight_on_input``
+        is ignored, as in rtp-llm's DeepEP routers.
         """
         ignore_fork_kwargs(fork_kwargs)
         if skip_allreduce:
             raise ValueError("skip_allreduce is not supported by the DeepEP routers")
-        if self._handle is None:
+        state = self._handle
+        if state is None:
             raise RuntimeError("finalize() without a matching prepare()")
-        handle, self._handle = self._handle, None
-        out = self._finalize(payload.fused_expert_output, handle, topk_weights, topk_ids)
+        y = payload.fused_expert_output
+        try:
+            check_output(y, state.output_shape, state.output_device)
+        except ValueError as exc:
+            self._handle = state._replace(rejected=str(exc))
+            logger.error("EP rank %d: %s. Ranks that already entered this combine wait for this one until it calls "
+                         "finalize() again or their communication deadline passes", self.ep_rank, exc)
+            raise
+        self._handle = None
+        out = self._finalize(y, state.handle, topk_weights, state.ids)
         original = (extra_finalize_args or {}).get("original_num_tokens")
         return self._tp.gather(out, original)
 
-    def _check_inputs(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> int:
-        if a1.dim() != 2 or a1.shape[1] != self.hidden_size or a1.dtype != torch.bfloat16:
-            raise ValueError(f"a1 must be bf16 [T, {self.hidden_size}], got {a1.dtype} {tuple(a1.shape)}")
-        expected = (a1.shape[0], self.num_topk)
-        if tuple(topk_ids.shape) != expected or tuple(topk_weights.shape) != expected:
-            raise ValueError(f"topk_ids/topk_weights must be {list(expected)}, got "
-                             f"{list(topk_ids.shape)}/{list(topk_weights.shape)}")
-        if topk_weights.dtype != torch.float32:
-            raise ValueError(f"topk_weights must be float32, got {topk_weights.dtype}")
-        if topk_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-        return a1.shape[0]
+    @staticmethod
+    def _still_open(state: OpenDispatch) -> str:
+        if state.rejected is None:
+            return "prepare() called twice without finalize(): the previous dispatch is still open"
+        return ("prepare() while the previous dispatch is still open: its finalize() rejected the executor's output "
+                f"({state.rejected}); the other EP ranks may be waiting in that combine: call finalize() with a "
+                "correct output first")

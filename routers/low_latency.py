@@ -57,4 +57,4 @@ class LowLatencyRouter(RouterBase[LowLatencyPath]):
         return payload, out.handle
 
     def _finalize(self, y: torch.Tensor, handle: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return self._path.combine(y, handle, topk_weights, topk_ids.to(torch.int64))
+        return self._path.combine(y, handle, topk_weights, topk_ids)

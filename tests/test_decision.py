@@ -13,7 +13,7 @@ from deepep_switch.backends import registry
 from deepep_switch.decision import AGREED_KNOBS, BackendUnavailableError, Vote, agree, resolve_backend
 from deepep_switch.launch import spawn
 from deepep_switch.preflight import CHECK_NAMES, Check, PreflightReport
-from deepep_switch.settings import BackendChoice, ProviderChoice, backend_choices
+from deepep_switch.settings import BackendChoice, ProviderChoice, Validation, backend_choices
 
 MODES = backend_choices()
 GIN_BIT = 1 << CHECK_NAMES.index("gin")
@@ -22,7 +22,8 @@ GIN_BIT = 1 << CHECK_NAMES.index("gin")
 def vote(mode: str = "legacy", strict: bool = False, elastic_fail: int = 0, legacy_fail: int = 0,
          provider: str = "reference", problems: int = 0, unknown: bool = False, **knobs: int) -> Vote:
     values = {k: 0 for k in AGREED_KNOBS}
-    values.update(elastic_allow_hybrid=1, elastic_prefer_overlap=1, elastic_allow_multiple_reduction=1)
+    values.update(elastic_allow_hybrid=1, elastic_prefer_overlap=1, elastic_allow_multiple_reduction=1,
+                  validation=list(Validation).index(Validation.BASIC))
     values.update(knobs)
     masks = [0] * registry.MAX_BACKENDS
     masks[registry.names().index("legacy")], masks[registry.names().index("elastic")] = legacy_fail, elastic_fail
@@ -65,6 +66,14 @@ def test_knob_disagreement_uses_defaults_everywhere():
     assert a.disagreements["num_sms"] == {"24": [0, 2], "20": [1]}
     assert agree([vote("elastic", num_sms=24), vote("elastic", num_sms=20, strict=True)]).error
     assert agree([vote("elastic", max_tokens_per_rank=64)] * 2).knobs["max_tokens_per_rank"] == 64
+
+
+def test_validation_disagreement_uses_basic_everywhere():
+    a = agree([vote("legacy", validation=2), vote("legacy", validation=0)])
+    assert a.knobs["validation"] is Validation.BASIC and a.error is None
+    assert a.disagreements["validation"] == {"full": [0], "off": [1]}
+    assert agree([vote("legacy", validation=2)] * 2).knobs["validation"] is Validation.FULL
+    assert agree([vote("legacy", validation=2, strict=True), vote("legacy", validation=0)]).error
 
 
 def test_provider_disagreement_is_always_an_error():

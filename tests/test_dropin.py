@@ -94,7 +94,7 @@ def _lifecycle_worker(rank: int, world: int, backend: str, open_on_rank: int) ->
         if rank == open_on_rank:
             # A dispatch left open on this rank only (e.g. its executor raised between prepare and finalize);
             # a real prepare would need the peer, so the state is set directly.
-            router._handle = object()
+            router._handle = types.SimpleNamespace(handle=object())
         try:
             DeepEPWrapper.destroy_buffer()
             out["destroy"] = "ok"

@@ -9,8 +9,8 @@ import string
 
 import pytest
 
-from deepep_switch.settings import (BackendChoice, ProviderChoice, SwitchSettings, env_name, get_settings,
-                                    load_settings, parse_backend, reload_settings)
+from deepep_switch.settings import (BackendChoice, ProviderChoice, SwitchSettings, Validation, env_name,
+                                    get_settings, load_settings, parse_backend, reload_settings)
 
 VALID = {"legacy": BackendChoice.LEGACY, "elastic": BackendChoice.ELASTIC, "auto": BackendChoice.AUTO}
 
@@ -105,6 +105,7 @@ def test_fuzz_backend_value_never_raises_and_only_valid_values_matter(monkeypatc
     ("RTP_LLM_DEEPEP_TIMEOUT_S", "soon", "timeout_s", 60.0),
     ("RTP_LLM_DEEPEP_NCCL_BUILD_VERSION", "2.30", "nccl_build_version", ""),
     ("DEEPEP_SWITCH_PROVIDER", "mock", "provider", ProviderChoice.DEEP_EP),
+    ("RTP_LLM_DEEPEP_VALIDATE", "paranoid", "validation", Validation.BASIC),
 ])
 def test_malformed_knob_takes_its_default_and_warns(monkeypatch, caplog, name, raw, field, default):
     monkeypatch.setenv(name, raw)
@@ -121,11 +122,12 @@ def test_typed_knobs_parse(monkeypatch):
     for name, value in {"RTP_LLM_DEEPEP_STRICT": "1", "RTP_LLM_DEEPEP_NUM_SMS": "24",
                         "RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK": "8192", "RTP_LLM_DEEPEP_ELASTIC_ALLOW_HYBRID": "0",
                         "DEEPEP_SWITCH_PROVIDER": " Reference ", "EP_DISABLE_GIN": "1",
-                        "RTP_LLM_DEEPEP_NCCL_BUILD_VERSION": "2.30.7"}.items():
+                        "RTP_LLM_DEEPEP_NCCL_BUILD_VERSION": "2.30.7", "RTP_LLM_DEEPEP_VALIDATE": " Full "}.items():
         monkeypatch.setenv(name, value)
     s = load_settings().settings
     assert s.strict and s.num_sms == 24 and s.max_tokens_per_rank == 8192 and not s.elastic_allow_hybrid
     assert s.provider is ProviderChoice.REFERENCE and s.ep_disable_gin and s.nccl_build_version == "2.30.7"
+    assert s.validation is Validation.FULL
 
 
 def test_settings_are_read_once_per_process(monkeypatch):
