@@ -70,6 +70,11 @@ def _legacy(rank: int, case: dict, group: Any, inp: dict) -> dict[str, Any]:
     out["dispatch"] = dict(x=rx, idx=ridx, w=rw, counts=counts, rpm=handle[0], src_idx=handle[3],
                            handle_len=len(handle))
 
+    nx, nidx, nw, ncounts, nhandle, _ = buf.dispatch(x, expert_alignment=align, **layout)  # without top-k
+    ncomb, ncomb_w, _ = buf.combine(nx, nhandle)
+    out["no_topk"] = dict(x=nx, none=(nidx is None, nw is None, ncomb_w is None), counts=ncounts, rpm=nhandle[0],
+                          comb=ncomb)
+
     cached = buf.dispatch(x, handle=handle)
     cached2 = buf.dispatch(inp["x2"], handle=handle)
     out["cached"] = dict(x=cached[0], x2=cached2[0], rest_none=[v is None for v in cached[1:5]])

@@ -301,6 +301,17 @@ def test_legacy_dispatch_fp8_tuple(ep):
         assert bitwise_equal(f["cached_s"], m.rows_of("scales", rows)), f"{label}: cached FP8 scales"
 
 
+def test_legacy_dispatch_without_topk(ep):
+    """DeepEP without topk_idx: the same rows and prefix matrix, no ids or weights, counts from the senders'
+    num_tokens_per_expert (aligned), and combine brings the rows back."""
+    for m, r, label, out in ep.each("legacy"):
+        n, d = out["no_topk"], out["dispatch"]
+        assert n["none"] == (True, True, True), label
+        assert bitwise_equal(n["x"], d["x"]) and torch.equal(n["rpm"], d["rpm"]), f"{label}: rows as with top-k"
+        assert n["counts"] == m.aligned(r), f"{label}: aligned counts {n['counts']}"
+        assert torch.equal(n["comb"], out["combine"]["x_nw"]), f"{label}: combine"
+
+
 def test_legacy_cached_dispatch(ep):
     for m, r, label, out in ep.each("legacy"):
         c = out["cached"]

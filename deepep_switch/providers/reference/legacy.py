@@ -4,7 +4,9 @@ Same constructor, statics, return tuples and semantics as ``deep_ep.Buffer`` 2.1
 
 * normal mode: ``get_dispatch_layout`` / ``dispatch`` / ``combine``. One received row per (source token,
   destination rank), grouped by source rank, ascending token inside a group. Received ids are local with -1 for
-  experts on other ranks, weights are zeroed there, per-expert counts are aligned and returned as a list.
+  experts on other ranks, weights are zeroed there, per-expert counts are aligned and returned as a list. Without
+  ``topk_idx`` only rows move (ids and weights are None) and the counts come from the senders'
+  ``num_tokens_per_expert``.
   ``combine`` is an unweighted fp32 sum, ascending rank, rounded once to bf16.
 * low-latency mode: ``low_latency_dispatch`` / ``low_latency_combine``. One message per (token, expert); the
   layout is ``[E_local, R*N, H]`` with ``recv_count``; FP8 uses DeepEP's per-128-channel recipe with scales
@@ -193,8 +195,9 @@ class ReferenceBuffer:
             recv = (recv_x, recv_scales) if x_scales is not None else recv_x
             return recv, None, None, None, None, NoEvent()
 
-        assert is_token_in_rank is not None and topk_idx is not None and topk_weights is not None, \
-            "non-cached dispatch needs is_token_in_rank, topk_idx and topk_weights"
+        assert is_token_in_rank is not None and num_tokens_per_expert is not None, \
+            "non-cached dispatch needs is_token_in_rank and num_tokens_per_expert"
+        assert (topk_idx is None) == (topk_weights is None), "topk_idx and topk_weights come together"
         ranks, rank = self.group_size, self.rank
         num_experts = int(num_tokens_per_expert.numel()) if num_tokens_per_expert is not None else None
         assert num_experts is not None and num_experts % ranks == 0
@@ -209,16 +212,25 @@ class ReferenceBuffer:
         num_recv = sum(recv_counts)
         route = _NormalRoute(send_token_idx, send_counts, recv_counts, x_data.shape[0], num_recv)
 
-        topk = topk_idx.shape[1]
-        pack = RowPack([(torch.int64, (topk,)), (torch.float32, (topk,)), (torch.int64, ())])
-        sent = pack.pack([topk_idx[send_token_idx].to(torch.int64), topk_weights[send_token_idx].float(),
-                          send_token_idx.to(torch.int64)])
-        recv_idx, recv_w, recv_src = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.group))
         recv_x, recv_scales = self._move_rows(x_data, x_scales, route)
-
-        recv_idx, owned = to_local_ids(recv_idx, rank, local_experts)
-        recv_w = torch.where(owned, recv_w, torch.zeros_like(recv_w))
-        counts = torch.bincount(recv_idx[owned], minlength=local_experts)
+        recv_idx: Optional[torch.Tensor] = None
+        recv_w: Optional[torch.Tensor] = None
+        if topk_idx is None:
+            # Rows only; as DeepEP's notify step, the per-expert counts are the senders' num_tokens_per_expert.
+            pack = RowPack([(torch.int64, ())])
+            (recv_src,) = pack.unpack(exchange_rows(pack.pack([send_token_idx.to(torch.int64)]), send_counts,
+                                                    recv_counts, self.group))
+            per_expert = all_gather_counts([int(v) for v in num_tokens_per_expert.tolist()], self.group, device)
+            counts = per_expert.sum(dim=0)[rank * local_experts:(rank + 1) * local_experts]
+        else:
+            topk = topk_idx.shape[1]
+            pack = RowPack([(torch.int64, (topk,)), (torch.float32, (topk,)), (torch.int64, ())])
+            sent = pack.pack([topk_idx[send_token_idx].to(torch.int64), topk_weights[send_token_idx].float(),
+                              send_token_idx.to(torch.int64)])
+            recv_idx, recv_w, recv_src = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.group))
+            recv_idx, owned = to_local_ids(recv_idx, rank, local_experts)
+            recv_w = torch.where(owned, recv_w, torch.zeros_like(recv_w))
+            counts = torch.bincount(recv_idx[owned], minlength=local_experts)
         align = max(1, expert_alignment)
         counts_list = [int(-(-c // align) * align) for c in counts.tolist()]
 
@@ -233,8 +245,10 @@ class ReferenceBuffer:
             if recv_scales is not None:
                 recv_scales = torch.cat([recv_scales, _garbage_like((pad, *recv_scales.shape[1:]),
                                                                     recv_scales.dtype, device)])
-            recv_idx = torch.cat([recv_idx, torch.full((pad, topk), -1, dtype=recv_idx.dtype, device=device)])
-            recv_w = torch.cat([recv_w, _garbage_like((pad, topk), recv_w.dtype, device)])
+            if recv_idx is not None and recv_w is not None:
+                topk = recv_idx.shape[1]
+                recv_idx = torch.cat([recv_idx, torch.full((pad, topk), -1, dtype=recv_idx.dtype, device=device)])
+                recv_w = torch.cat([recv_w, _garbage_like((pad, topk), recv_w.dtype, device)])
             counts_list = []
         recv = (recv_x, recv_scales) if x_scales is not None else recv_x
         return recv, recv_idx, recv_w, counts_list, handle, NoEvent()
