@@ -5,7 +5,8 @@ DP_AND_TP group; one TP group per DP rank and one DP group per TP rank when they
 ``_get_group`` (TP -> WORLD when tp == world), ``all_gather`` / ``all_reduce`` / ``broadcast``, and
 ``destroy_distributed_environment``. Differences, all infrastructure:
 
-* the backend is NCCL when CUDA is available and gloo otherwise (rtp-llm asserts ``backend == "nccl"``);
+* the backend is ``$RTP_LLM_STANDIN_DIST_BACKEND`` (the ported tests set gloo for CPU ranks, nccl for GPU
+  ranks), else NCCL when CUDA is available and gloo otherwise (rtp-llm asserts ``backend == "nccl"``);
 * the process-group timeout is the caller's ``timeout`` (rtp-llm: 100 years, so a hung peer waits forever);
 * when ``torch.distributed`` is already initialised (deepep-switch's ``launch.spawn`` starts every rank with
   WORLD up) only the groups are created, which is rtp-llm's own branch for that case;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from datetime import timedelta
 from enum import Enum
 from typing import Optional, Union
@@ -43,7 +45,7 @@ _initialized = False
 
 
 def _backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return os.environ.get("RTP_LLM_STANDIN_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _normalize_parallelism_ranks(parallelism_config: ParallelismConfig) -> None:
