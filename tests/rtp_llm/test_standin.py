@@ -54,7 +54,8 @@ def test_trt_fp8_quantize_128_follows_the_kernel_recipe(rtp):
     assert torch.equal(q.view(6, 4, 128).float(), (x.view(6, 4, 128) * inverse).float().clamp(-448, 448)
                        .to(torch.float8_e4m3fn).float())
     assert q.float().abs().max() <= 448  # saturating conversion
-    ref_q, ref_s = rtp.numeric.per_token_cast_to_fp8(x, False)  # the fp32-multiply recipe: same scales, codes within one step
+    # the fp32-multiply recipe: the same scales, codes within one step
+    ref_q, ref_s = rtp.numeric.per_token_cast_to_fp8(x, False)
     assert torch.equal(s, ref_s)
     assert calc_diff(per_token_cast_back(q, s), per_token_cast_back(ref_q, ref_s)) < 1e-4
     q_col, s_col = trt_fp8_quantize_128(x, True)
