@@ -53,7 +53,8 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, backen
             # Plain pickle: tensors travel as bytes, not as shared-memory handles that die with the child.
             results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():  # fn may have torn the group down itself (an engine's own teardown)
+                dist.destroy_process_group()
     except BaseException:  # report everything, including assertion errors, to the parent
         results.put((rank, False, traceback.format_exc()))
 
@@ -63,7 +64,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: Sequence[Any] = (), 
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results by rank.
 
     Args:
-        fn: a module-level (picklable) function.
+        fn: a module-level (picklable) function. It finds the default process group initialised and may
+            destroy it (and initialise new ones) itself, as an engine's own distributed setup does.
         world_size: number of processes (ranks).
         args: extra positional arguments for ``fn`` (picklable).
         backend: torch.distributed backend: "gloo" (CPU) or "nccl" (one GPU per rank).

@@ -70,6 +70,11 @@ def _legacy(rank: int, case: dict, group: Any, inp: dict) -> dict[str, Any]:
     out["dispatch"] = dict(x=rx, idx=ridx, w=rw, counts=counts, rpm=handle[0], src_idx=handle[3],
                            handle_len=len(handle))
 
+    nx, nidx, nw, ncounts, nhandle, _ = buf.dispatch(x, expert_alignment=align, **layout)  # without top-k
+    ncomb, ncomb_w, _ = buf.combine(nx, nhandle)
+    out["no_topk"] = dict(x=nx, none=(nidx is None, nw is None, ncomb_w is None), counts=ncounts, rpm=nhandle[0],
+                          comb=ncomb)
+
     cached = buf.dispatch(x, handle=handle)
     cached2 = buf.dispatch(inp["x2"], handle=handle)
     out["cached"] = dict(x=cached[0], x2=cached2[0], rest_none=[v is None for v in cached[1:5]])
@@ -120,6 +125,67 @@ def _low_latency(rank: int, case: dict, group: Any, inp: dict) -> dict[str, Any]
         out[name] = dict(q=u8(q), q_dtype=str(q.dtype), s=s.contiguous(), s_shape=tuple(s.shape),
                          s_stride=tuple(s.stride()), s_dtype=str(s.dtype), count=count8,
                          src_info=handle8[0], layout_range=handle8[1], comb=comb8)
+
+    # UE8M0 scales pack four 128-channel groups per int32: the same tokens widened to 512 channels.
+    assert 512 % hidden == 0
+    wide = x.repeat(1, 512 // hidden)
+    (uq, us), ucount, _, _, _ = buf.low_latency_dispatch(wide, ids, n_max, experts, use_fp8=True, round_scale=True,
+                                                         use_ue8m0=True)
+    (rq, rs), _, _, _, _ = buf.low_latency_dispatch(wide, ids, n_max, experts, use_fp8=True, round_scale=True)
+    out["ue8m0"] = dict(q=u8(uq), s=us.contiguous(), s_shape=tuple(us.shape), s_stride=tuple(us.stride()),
+                        s_dtype=str(us.dtype), count=ucount, round_q=u8(rq), round_s=rs.contiguous())
+    try:
+        buf.low_latency_dispatch(wide, ids, n_max, experts, use_fp8=True, use_ue8m0=True)
+        out["ue8m0"]["without_round_scale"] = "accepted"
+    except AssertionError as exc:
+        out["ue8m0"]["without_round_scale"] = str(exc)
+
+    # zero_copy: the combine reads the tensor get_next_low_latency_combine_buffer handed out, not x.
+    staging = buf.get_next_low_latency_combine_buffer(handle)
+    out["zero_copy"] = dict(shape=tuple(staging.shape), dtype=str(staging.dtype),
+                            uninitialised=bool(torch.isnan(staging).all()),
+                            same=buf.get_next_low_latency_combine_buffer(handle) is staging)
+    staging.copy_(rx)
+    zcomb, _, _ = buf.low_latency_combine(torch.full_like(rx, float("nan")), ids, w, handle, zero_copy=True)
+    out["zero_copy"]["comb"] = zcomb
+    return out
+
+
+def _nvl_capacity(rank: int, group: Any) -> dict[str, str]:
+    """An intranode normal buffer sized as deepep-switch's legacy plan (the default dispatch/combine Config hints
+    at Buffer.num_sms = 20, hidden 7168) against the Config rtp-llm's deepep_test passes (24 SMs)."""
+    import torch.distributed as dist
+
+    from deepep_switch.providers.reference import ReferenceBuffer, ReferenceConfig
+
+    world, hidden, topk = dist.get_world_size(group), 7168, 8
+    experts = 8 * world
+    configs = (ReferenceBuffer.get_dispatch_config(world), ReferenceBuffer.get_combine_config(world))
+    nvl = max(c.get_nvl_buffer_size_hint(hidden * 2, world) for c in configs)
+    ids = torch.arange(topk, dtype=torch.int64).repeat(4, 1) * world  # every token on every rank
+    w = torch.ones((4, topk), dtype=torch.float32)
+    x = torch.ones((4, hidden), dtype=torch.bfloat16)
+    x_fp8 = (x.to(FP8), torch.ones((4, hidden // 128), dtype=torch.float32))
+    out: dict[str, str] = {"nvl": str(nvl)}
+    for label, nvl_bytes in (("sized", nvl), ("zero", 0)):
+        buf = ReferenceBuffer(group, nvl_bytes, 0)
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(ids, experts)
+        layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        for name, payload, config in (("default", x, None), ("cfg20_bf16", x, ReferenceConfig(20, 8, 256)),
+                                      ("cfg24_fp8", x_fp8, ReferenceConfig(24, 8, 256)),
+                                      ("cfg24_bf16", x, ReferenceConfig(24, 8, 256))):
+            try:
+                rx, _, rw, _, handle, _ = buf.dispatch(payload, topk_idx=ids, topk_weights=w, config=config, **layout)
+                out[f"{label}/dispatch/{name}"] = "ok"
+            except AssertionError as exc:
+                out[f"{label}/dispatch/{name}"] = str(exc)
+        rx, _, rw, _, handle, _ = buf.dispatch(x, topk_idx=ids, topk_weights=w, **layout)
+        for name, config in (("default", None), ("cfg24_bf16", ReferenceConfig(24, 8, 256))):
+            try:
+                buf.combine(rx, handle, topk_weights=rw, config=config)
+                out[f"{label}/combine/{name}"] = "ok"
+            except AssertionError as exc:
+                out[f"{label}/combine/{name}"] = str(exc)
     return out
 
 
@@ -192,7 +258,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> dict[str, dict[str, A
     torch.set_num_threads(1)  # tiny tensors; several ranks share few cores
     group = dist.group.WORLD
     assert dist.get_world_size(group) == world
-    results = {}
+    results: dict[str, Any] = {"nvl_capacity": _nvl_capacity(rank, group)}
     for case in cases:
         inp = make_inputs(case, rank)
         results[case["name"]] = dict(legacy=_legacy(rank, case, group, inp),

@@ -301,6 +301,17 @@ def test_legacy_dispatch_fp8_tuple(ep):
         assert bitwise_equal(f["cached_s"], m.rows_of("scales", rows)), f"{label}: cached FP8 scales"
 
 
+def test_legacy_dispatch_without_topk(ep):
+    """DeepEP without topk_idx: the same rows and prefix matrix, no ids or weights, counts from the senders'
+    num_tokens_per_expert (aligned), and combine brings the rows back."""
+    for m, r, label, out in ep.each("legacy"):
+        n, d = out["no_topk"], out["dispatch"]
+        assert n["none"] == (True, True, True), label
+        assert bitwise_equal(n["x"], d["x"]) and torch.equal(n["rpm"], d["rpm"]), f"{label}: rows as with top-k"
+        assert n["counts"] == m.aligned(r), f"{label}: aligned counts {n['counts']}"
+        assert torch.equal(n["comb"], out["combine"]["x_nw"]), f"{label}: combine"
+
+
 def test_legacy_cached_dispatch(ep):
     for m, r, label, out in ep.each("legacy"):
         c = out["cached"]
@@ -431,6 +442,55 @@ def test_low_latency_combine_weighted(ep):
                 assert diff < tol, f"{label} {variant}: calc_diff(out, x * sum(valid w)) = {diff}"
         torch.testing.assert_close(out["bf16"]["comb"].double(), exp, rtol=2 ** -7, atol=1e-6,
                                    msg=lambda e: f"{label}: bf16 weighted combine {e}")
+
+
+def test_low_latency_dispatch_ue8m0_packs_exponent_bytes(ep):
+    """use_ue8m0: int32 [L, R*N, H/512], token dim contiguous, byte g%4 of int g//4 = the exponent byte of the
+    round_scale float scale of group g (DeepEP's extract_required_scale_format); the FP8 data is unchanged."""
+    for m, r, label, out in ep.each("ll"):
+        u = out["ue8m0"]
+        n, slots = m.case["ll_n"], m.R * m.case["ll_n"]
+        assert u["s_dtype"] == "torch.int32" and u["s_shape"] == (m.L, slots, 1), f"{label}: [L, R*N, 512/512]"
+        assert u["s_stride"][1] == 1, f"{label}: token dim contiguous, strides {u['s_stride']}"
+        assert torch.equal(u["q"], u["round_q"]), f"{label}: same FP8 codes as round_scale float scales"
+        assert u["count"].tolist() == list(m.expert_counts(r))
+        packed = u["s"].reshape(m.L, slots).view(torch.uint8).view(m.L, slots, 4)
+        exponent = (u["round_s"].view(torch.int32) >> 23) & 0xFF
+        for l, c in enumerate(u["count"].tolist()):
+            assert torch.equal(packed[l, :c].to(torch.int32), exponent[l, :c]), f"{label}: exponent bytes, expert {l}"
+            # rtp-llm's per_token_cast_back reading of int scales: (byte << 23) viewed as float32
+            decoded = (packed[l, :c].to(torch.int32) << 23).view(torch.float32)
+            assert torch.equal(decoded, u["round_s"][l, :c]), f"{label}: UE8M0 decodes to the float scale"
+        assert "round_scale" in u["without_round_scale"], f"{label}: UE8M0 needs round_scale"
+
+
+def test_low_latency_zero_copy_combine_reads_the_combine_buffer(ep):
+    for m, r, label, out in ep.each("ll"):
+        z = out["zero_copy"]
+        assert z["shape"] == (m.L, m.R * m.case["ll_n"], m.H) and z["dtype"] == "torch.bfloat16", label
+        assert z["uninitialised"] and z["same"], f"{label}: one uninitialised (NaN) tensor per (N, H, E)"
+        assert torch.equal(z["comb"], out["bf16"]["comb"]), f"{label}: zero_copy combine == combine of the same rows"
+
+
+def test_legacy_intranode_nvl_bytes_bound_the_config(ep):
+    """DeepEP's intranode EP_HOST_ASSERTs (csrc/legacy/buffer.hpp): a Config needs, per channel (num_sms/2) and
+    rank, num_max_nvl_chunked_recv_tokens ring rows of data + source index + top-k ids/weights + FP8 scales."""
+    R, H, K = ep.world, 7168, 8
+    for r in range(R):
+        out = ep.results[r]["nvl_capacity"]
+        nvl = int(out["nvl"])
+        for label in ("zero", "sized"):
+            for key in ("dispatch/default", "dispatch/cfg20_bf16", "dispatch/cfg24_fp8", "combine/default"):
+                assert out[f"{label}/{key}"] == "ok", (r, label, key, out[f"{label}/{key}"])
+        # a zero-byte reference buffer is unbounded (what the library's own tests build)
+        assert out["zero/dispatch/cfg24_bf16"] == "ok" and out["zero/combine/cfg24_bf16"] == "ok"
+        c = 24 // 2
+        dispatch_need = R * R * 4 + 4 * c * R * 4 + c * R * 256 * (H * 2 + 4 + K * (8 + 4))
+        combine_need = 2 * c * R * 4 + c * R * 256 * (H * 2 + 4 + K * 4)
+        assert dispatch_need > nvl and combine_need > nvl
+        for key, need in (("dispatch", dispatch_need), ("combine", combine_need)):
+            msg = out[f"sized/{key}/cfg24_bf16"]
+            assert f"needs {need} NVL bytes" in msg and f"num_nvl_bytes={nvl}" in msg, (r, key, msg)
 
 
 # ---------------------------------------------------------------------------------------------------- elastic

@@ -4,11 +4,17 @@ Same constructor, statics, return tuples and semantics as ``deep_ep.Buffer`` 2.1
 
 * normal mode: ``get_dispatch_layout`` / ``dispatch`` / ``combine``. One received row per (source token,
   destination rank), grouped by source rank, ascending token inside a group. Received ids are local with -1 for
-  experts on other ranks, weights are zeroed there, per-expert counts are aligned and returned as a list.
+  experts on other ranks, weights are zeroed there, per-expert counts are aligned and returned as a list. Without
+  ``topk_idx`` only rows move (ids and weights are None) and the counts come from the senders'
+  ``num_tokens_per_expert``.
   ``combine`` is an unweighted fp32 sum, ascending rank, rounded once to bf16.
 * low-latency mode: ``low_latency_dispatch`` / ``low_latency_combine``. One message per (token, expert); the
   layout is ``[E_local, R*N, H]`` with ``recv_count``; FP8 uses DeepEP's per-128-channel recipe with scales
-  ``[E_local, R*N, H/128]`` (token dim contiguous); ``low_latency_combine`` is the weighted sum.
+  ``[E_local, R*N, H/128]`` (token dim contiguous), or with ``use_ue8m0`` the exponent bytes packed four to an
+  int32 ``[E_local, R*N, H/512]`` (token dim contiguous); ``low_latency_combine`` is the weighted sum, and with
+  ``zero_copy`` it reads the tensor ``get_next_low_latency_combine_buffer`` handed out instead of ``x``.
+* intranode normal buffers given NVL bytes check, as DeepEP's ``EP_HOST_ASSERT`` does, that the ``Config`` a
+  ``dispatch`` / ``combine`` runs with fits them (a zero-byte reference buffer is unbounded).
 
 It synchronises the host (it asks peers for counts), so unlike DeepEP it is not CUDA-graph capturable. Every wait
 for peers is bounded by ``timeout_s`` (raising :class:`~deepep_switch.deadline.CommunicationTimeout`), and
@@ -104,6 +110,8 @@ class ReferenceBuffer:
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self.runtime: Optional[object] = object()
+        # get_next_low_latency_combine_buffer's tensors, by (num_max_dispatch_tokens_per_rank, hidden, num_experts).
+        self._ll_combine_buffers: dict[tuple[int, int, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ lifecycle and statics
     def destroy(self) -> None:
@@ -145,6 +153,23 @@ class ReferenceBuffer:
         if self.runtime is None:
             raise RuntimeError("this ReferenceBuffer was destroyed")
 
+    def _check_nvl_bytes(self, what: str, config: Any, default: Callable[[int], Any], per_token_bytes: int) -> None:
+        """DeepEP's intranode ``EP_HOST_ASSERT(... <= num_nvl_bytes)`` (``csrc/legacy/buffer.hpp``): every channel
+        (``config.num_sms / 2``) keeps a ring of ``num_max_nvl_chunked_recv_tokens`` rows per peer in the NVL
+        buffer. Checked only on intranode buffers given NVL bytes; ``config`` None means DeepEP's default."""
+        if self.num_nvl_bytes <= 0 or self.num_rdma_bytes > 0:
+            return
+        config = default(self.group_size) if config is None else config
+        channels, ranks = config.num_sms // 2, self.group_size
+        need = channels * ranks * 4 * 2 + channels * ranks * config.num_max_nvl_chunked_recv_tokens * per_token_bytes
+        if what == "dispatch":
+            need += ranks * ranks * 4 + channels * ranks * 4 * 2  # prefix matrix, channel start/end offsets
+        if need > self.num_nvl_bytes:
+            raise AssertionError(
+                f"{what} with Config(num_sms={config.num_sms}, nvl_recv={config.num_max_nvl_chunked_recv_tokens}) "
+                f"needs {need} NVL bytes but the buffer has num_nvl_bytes={self.num_nvl_bytes} (DeepEP: "
+                f"EP_HOST_ASSERT(... <= num_nvl_bytes) in csrc/legacy/buffer.hpp)")
+
     # ------------------------------------------------------------------ normal mode
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: Any = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False,
@@ -168,6 +193,11 @@ class ReferenceBuffer:
         """DeepEP's 6-tuple ``(recv_x, recv_topk_idx, recv_topk_weights, counts_list, handle, event)``."""
         self._check_alive()
         x_data, x_scales = x if isinstance(x, tuple) else (x, None)
+        num_topk = int(topk_idx.shape[1]) if topk_idx is not None else 0
+        num_scales = 0 if x_scales is None else (1 if x_scales.dim() == 1 else int(x_scales.shape[1]))
+        # Per ring row: data, source index, top-k ids (int64) and weights, FP8 scales.
+        self._check_nvl_bytes("dispatch", config, self.get_dispatch_config,
+                              x_data.shape[1] * x_data.element_size() + 4 + num_topk * (8 + 4) + num_scales * 4)
         if handle is not None:
             assert topk_idx is None and topk_weights is None, "cached dispatch reuses the handle's routing"
             route: _NormalRoute = handle[5]
@@ -175,8 +205,9 @@ class ReferenceBuffer:
             recv = (recv_x, recv_scales) if x_scales is not None else recv_x
             return recv, None, None, None, None, NoEvent()
 
-        assert is_token_in_rank is not None and topk_idx is not None and topk_weights is not None, \
-            "non-cached dispatch needs is_token_in_rank, topk_idx and topk_weights"
+        assert is_token_in_rank is not None and num_tokens_per_expert is not None, \
+            "non-cached dispatch needs is_token_in_rank and num_tokens_per_expert"
+        assert (topk_idx is None) == (topk_weights is None), "topk_idx and topk_weights come together"
         ranks, rank = self.group_size, self.rank
         num_experts = int(num_tokens_per_expert.numel()) if num_tokens_per_expert is not None else None
         assert num_experts is not None and num_experts % ranks == 0
@@ -191,17 +222,27 @@ class ReferenceBuffer:
         num_recv = sum(recv_counts)
         route = _NormalRoute(send_token_idx, send_counts, recv_counts, x_data.shape[0], num_recv)
 
-        topk = topk_idx.shape[1]
-        pack = RowPack([(torch.int64, (topk,)), (torch.float32, (topk,)), (torch.int64, ())])
-        sent = pack.pack([topk_idx[send_token_idx].to(torch.int64), topk_weights[send_token_idx].float(),
-                          send_token_idx.to(torch.int64)])
-        recv_idx, recv_w, recv_src = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.peers,
-                                                               "dispatch"))
         recv_x, recv_scales = self._move_rows(x_data, x_scales, route, "dispatch")
-
-        recv_idx, owned = to_local_ids(recv_idx, rank, local_experts)
-        recv_w = torch.where(owned, recv_w, torch.zeros_like(recv_w))
-        counts = torch.bincount(recv_idx[owned], minlength=local_experts)
+        recv_idx: Optional[torch.Tensor] = None
+        recv_w: Optional[torch.Tensor] = None
+        if topk_idx is None:
+            # Rows only; as DeepEP's notify step, the per-expert counts are the senders' num_tokens_per_expert.
+            pack = RowPack([(torch.int64, ())])
+            (recv_src,) = pack.unpack(exchange_rows(pack.pack([send_token_idx.to(torch.int64)]), send_counts,
+                                                    recv_counts, self.peers, "dispatch"))
+            per_expert = all_gather_counts([int(v) for v in num_tokens_per_expert.tolist()], self.peers, device,
+                                           "dispatch")
+            counts = per_expert.sum(dim=0)[rank * local_experts:(rank + 1) * local_experts]
+        else:
+            topk = topk_idx.shape[1]
+            pack = RowPack([(torch.int64, (topk,)), (torch.float32, (topk,)), (torch.int64, ())])
+            sent = pack.pack([topk_idx[send_token_idx].to(torch.int64), topk_weights[send_token_idx].float(),
+                              send_token_idx.to(torch.int64)])
+            recv_idx, recv_w, recv_src = pack.unpack(exchange_rows(sent, send_counts, recv_counts, self.peers,
+                                                                   "dispatch"))
+            recv_idx, owned = to_local_ids(recv_idx, rank, local_experts)
+            recv_w = torch.where(owned, recv_w, torch.zeros_like(recv_w))
+            counts = torch.bincount(recv_idx[owned], minlength=local_experts)
         align = max(1, expert_alignment)
         counts_list = [int(-(-c // align) * align) for c in counts.tolist()]
 
@@ -216,8 +257,10 @@ class ReferenceBuffer:
             if recv_scales is not None:
                 recv_scales = torch.cat([recv_scales, _garbage_like((pad, *recv_scales.shape[1:]),
                                                                     recv_scales.dtype, device)])
-            recv_idx = torch.cat([recv_idx, torch.full((pad, topk), -1, dtype=recv_idx.dtype, device=device)])
-            recv_w = torch.cat([recv_w, _garbage_like((pad, topk), recv_w.dtype, device)])
+            if recv_idx is not None and recv_w is not None:
+                topk = recv_idx.shape[1]
+                recv_idx = torch.cat([recv_idx, torch.full((pad, topk), -1, dtype=recv_idx.dtype, device=device)])
+                recv_w = torch.cat([recv_w, _garbage_like((pad, topk), recv_w.dtype, device)])
             counts_list = []
         recv = (recv_x, recv_scales) if x_scales is not None else recv_x
         return recv, recv_idx, recv_w, counts_list, handle, NoEvent()
@@ -238,6 +281,9 @@ class ReferenceBuffer:
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], NoEvent]:
         """Unweighted sum of every rank's rows for each source token: ``(combined_x bf16 [T,H], combined_w, event)``."""
         self._check_alive()
+        num_topk = int(topk_weights.shape[1]) if topk_weights is not None else 0
+        self._check_nvl_bytes("combine", config, self.get_combine_config,
+                              x.shape[1] * x.element_size() + 4 + num_topk * 4)
         route: _NormalRoute = handle[5]
         rows = x[:route.num_recv]
         hidden = x.shape[1]
@@ -277,11 +323,17 @@ class ReferenceBuffer:
                              round_scale: bool = False, use_ue8m0: bool = False, use_nvfp4: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False,
                              ) -> tuple[XType, torch.Tensor, tuple, NoEvent, Optional[Callable[[], None]]]:
-        """DeepEP's ``(recv_x [L, R*N, H] (or (fp8, scales)), recv_count [L] i32, handle, event, hook)``."""
+        """DeepEP's ``(recv_x [L, R*N, H] (or (fp8, scales)), recv_count [L] i32, handle, event, hook)``.
+
+        FP8 scales are float32 ``[L, R*N, H/128]``, or with ``use_ue8m0`` (needs ``round_scale``) int32
+        ``[L, R*N, H/512]`` holding four UE8M0 bytes (the float's exponent byte) per int, lowest byte first; in
+        both the token dimension is contiguous.
+        """
         self._check_alive()
         assert self.low_latency_mode, "low-latency kernels need a buffer built with low_latency_mode=True"
-        if use_ue8m0 or use_nvfp4:
-            raise NotImplementedError("the reference provider implements bf16 and float-scale FP8 dispatch only")
+        if use_nvfp4:
+            raise NotImplementedError("the reference provider implements bf16 and FP8 (float or UE8M0 scales) only")
+        assert not use_ue8m0 or round_scale, "UE8M0 SF requires `round_scale=True`"
         ranks, rank = self.group_size, self.rank
         tokens, hidden = x.shape
         n_max = num_max_dispatch_tokens_per_rank
@@ -326,7 +378,13 @@ class ReferenceBuffer:
         recv: XType = recv_x
         if use_fp8:
             q, s = quantize_fp8(recv_x, round_scale=round_scale)
-            scales = torch.empty((local_experts, hidden // 128, capacity), dtype=torch.float32, device=device)
+            if use_ue8m0:
+                if hidden % 512:
+                    raise ValueError(f"UE8M0 scales pack four 128-channel groups per int: hidden % 512 == 0, "
+                                     f"got {hidden}")
+                exponent = ((s.contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)  # [L, R*N, H/128]
+                s = exponent.view(local_experts, capacity, hidden // 512, 4).view(torch.int32).squeeze(-1)
+            scales = torch.empty((local_experts, s.shape[2], capacity), dtype=s.dtype, device=device)
             scales.copy_(s.transpose(1, 2))
             recv = (q, scales.transpose(1, 2))
         return recv, recv_count, handle, NoEvent(), (no_hook if return_recv_hook else None)
@@ -338,9 +396,15 @@ class ReferenceBuffer:
                             combine_wait_recv_cost_stats: Optional[torch.Tensor] = None, overlap: bool = False,
                             src_signals: Optional[torch.Tensor] = None, src_signal_expect_value: int = 0,
                             ) -> tuple[torch.Tensor, NoEvent, Optional[Callable[[], None]]]:
-        """Weighted sum ``out[t] = Σ_k w[t,k] · y[expert(t,k), slot(t,k)]`` in fp32, rounded to bf16."""
+        """Weighted sum ``out[t] = Σ_k w[t,k] · y[expert(t,k), slot(t,k)]`` in fp32, rounded to bf16.
+
+        ``y`` is ``x``, or with ``zero_copy`` the tensor :meth:`get_next_low_latency_combine_buffer` returned
+        for this handle (the caller has filled it; ``x`` is then not read).
+        """
         self._check_alive()
         rl, slot, rs, rt, rk = handle.route  # type: ignore[attr-defined]
+        if zero_copy:
+            x = self.get_next_low_latency_combine_buffer(handle)
         ranks = self.group_size
         hidden = x.shape[2]
         order = torch.argsort(rs, stable=True)
@@ -357,3 +421,16 @@ class ReferenceBuffer:
             out.copy_(result)
             result = out
         return result, NoEvent(), (no_hook if return_recv_hook else None)
+
+    def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        """The bf16 ``[L, R*N, H]`` tensor the next ``low_latency_combine(..., zero_copy=True)`` reads (DeepEP:
+        its registered RDMA buffer). Uninitialised (NaN) until the caller fills it; the same tensor for the same
+        ``(N, H, E)``."""
+        self._check_alive()
+        src_info, _, n_max, hidden, num_experts = handle[:5]
+        key = (int(n_max), int(hidden), int(num_experts))
+        buffer = self._ll_combine_buffers.get(key)
+        if buffer is None:
+            shape = (key[2] // self.group_size, self.group_size * key[0], key[1])
+            buffer = self._ll_combine_buffers[key] = _garbage_like(shape, torch.bfloat16, src_info.device)
+        return buffer

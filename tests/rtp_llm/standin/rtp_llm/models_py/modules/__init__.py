@@ -1,0 +1,2 @@
+"""Stand-in package marker for alibaba/rtp-llm@4b8d39cd
+``rtp_llm/models_py/modules/`` (see ``rtp_llm/__init__.py``)."""
