@@ -133,6 +133,30 @@ class SwitchSettings(BaseSettings):
         validation_alias=AliasChoices("ep_disable_gin", "EP_DISABLE_GIN"),
         description="DeepEP's own EP_DISABLE_GIN, read here (never written) so preflight can judge GIN.",
     )
+    # Where DeepEP 2.5's JIT finds nvcc, in its own order (read here, never written, so preflight can judge the
+    # ep generation's compiler): EP_JIT_NVCC_COMPILER, DJ_JIT_NVCC_COMPILER, $CUDA_HOME/bin/nvcc,
+    # $CUDA_PATH/bin/nvcc, then nvcc on PATH and /usr/local/cuda/bin/nvcc.
+    ep_jit_nvcc_compiler: str = Field(
+        default="",
+        validation_alias=AliasChoices("ep_jit_nvcc_compiler", "EP_JIT_NVCC_COMPILER"),
+        description="DeepEP 2.5's EP_JIT_NVCC_COMPILER (read, never written): the nvcc its JIT runs.",
+    )
+    dj_jit_nvcc_compiler: str = Field(
+        default="",
+        validation_alias=AliasChoices("dj_jit_nvcc_compiler", "DJ_JIT_NVCC_COMPILER"),
+        description="DeepEP 2.5's second choice of nvcc, DJ_JIT_NVCC_COMPILER (read, never written).",
+    )
+    cuda_home: str = Field(
+        default="",
+        validation_alias=AliasChoices("cuda_home", "CUDA_HOME"),
+        description="CUDA_HOME (read, never written): DeepEP 2.5's JIT runs $CUDA_HOME/bin/nvcc when no compiler "
+                    "variable is set.",
+    )
+    cuda_path: str = Field(
+        default="",
+        validation_alias=AliasChoices("cuda_path", "CUDA_PATH"),
+        description="CUDA_PATH (read, never written): DeepEP 2.5's JIT runs $CUDA_PATH/bin/nvcc after CUDA_HOME.",
+    )
     consensus_timeout_s: float = Field(
         default=120.0, gt=0, le=3600,
         description="Seconds a rank waits for the others in a decision collective before raising.",

@@ -189,3 +189,31 @@ def test_real_probe_on_this_machine_does_not_raise():
     assert {c.name for c in report.checks} >= {"deep_ep_import", "gin", "nccl_runtime"}
     for check in report.checks:
         assert check.detail  # every check says something a person can act on
+
+
+def test_real_probe_lists_each_mapped_libnccl_once():
+    mapped = SystemProbe().mapped_libnccl()
+    assert len(mapped) == len(set(mapped)) and all("libnccl" in m.rsplit("/", 1)[-1] for m in mapped)
+
+
+def _script(tmp_path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_real_probe_runs_nvcc(tmp_path):
+    probe = SystemProbe()
+    good = _script(tmp_path, "nvcc", 'echo "Cuda compilation tools, release 13.1, V13.1.80"')
+    assert probe.nvcc(good) == (good, (13, 1), "")
+    garbled = _script(tmp_path, "nvcc-garbled", "echo hello")
+    path, version, why = probe.nvcc(garbled)
+    assert version is None and "cannot read a CUDA release" in why
+    failing = _script(tmp_path, "nvcc-failing", "exit 3")
+    assert probe.nvcc(failing)[1] is None
+    missing = str(tmp_path / "no-such-nvcc")
+    path, version, why = probe.nvcc(missing)
+    assert (path, version) == (missing, None) and missing in why
+    path, version, why = probe.nvcc(None)  # PATH, then /usr/local/cuda/bin/nvcc
+    assert path and (version is not None or why)

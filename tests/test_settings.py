@@ -126,6 +126,19 @@ def test_typed_knobs_parse(monkeypatch):
     assert s.provider is ProviderChoice.REFERENCE and s.ep_disable_gin and s.nccl_build_version == "2.30.7"
 
 
+def test_deep_ep_25_compiler_variables_are_read_as_given(monkeypatch):
+    values = {"EP_JIT_NVCC_COMPILER": "/opt/cuda-13.5/bin/nvcc", "DJ_JIT_NVCC_COMPILER": "/x/nvcc",
+              "CUDA_HOME": "/usr/local/cuda-13.1", "CUDA_PATH": "relative/cuda"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    loaded = load_settings()
+    s = loaded.settings
+    assert (s.ep_jit_nvcc_compiler, s.dj_jit_nvcc_compiler, s.cuda_home, s.cuda_path) == tuple(values.values())
+    assert [env_name(f) for f in ("ep_jit_nvcc_compiler", "dj_jit_nvcc_compiler", "cuda_home", "cuda_path")] == \
+        list(values)
+    assert loaded.problems == []
+
+
 def test_settings_are_read_once_per_process(monkeypatch):
     monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", "elastic")
     assert get_settings().settings.backend is BackendChoice.ELASTIC
