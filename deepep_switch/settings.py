@@ -6,7 +6,7 @@ its default, in ``docs/configuration.md``.
 Two promises hold for every value an operator can type:
 
 * ``RTP_LLM_DEEPEP_BACKEND`` never raises here. Unset or empty means ``legacy``; every registered generation's
-  name (``legacy``, ``elastic``, ...) and ``auto`` are accepted in any case and with surrounding whitespace;
+  name (``legacy``, ``elastic``, ``ep``, ...) and ``auto`` are accepted in any case and with surrounding whitespace;
   anything else means ``legacy`` plus exactly one WARNING that names the bad value and the accepted ones (in
   strict mode the decision then raises on every rank).
 * Any other knob with a malformed value (``RTP_LLM_DEEPEP_NUM_SMS=abc``) falls back to its default with one
@@ -39,6 +39,7 @@ class BackendChoice(str, Enum):
 
     LEGACY = "legacy"
     ELASTIC = "elastic"
+    EP = "ep"
     AUTO = "auto"
 
     @classmethod
@@ -92,8 +93,8 @@ class SwitchSettings(BaseSettings):
     backend_raw: str = Field(
         default="",
         validation_alias=AliasChoices("backend_raw", BACKEND_ENV),
-        description="Raw RTP_LLM_DEEPEP_BACKEND: legacy (default), elastic, another registered generation, or "
-                    "auto. Parsed by `backend`.",
+        description="Raw RTP_LLM_DEEPEP_BACKEND: legacy (default), elastic, ep, another registered generation, "
+                    "or auto. Parsed by `backend`.",
     )
     strict: bool = Field(
         default=False,
@@ -110,19 +111,20 @@ class SwitchSettings(BaseSettings):
     )
     max_tokens_per_rank: int = Field(
         default=0, ge=0, le=1 << 20,
-        description="Elastic normal-mode capacity (tokens per rank per dispatch); 0 uses the wrapper config's.",
+        description="Elastic and ep normal-mode capacity (tokens per rank per dispatch); 0 uses the wrapper "
+                    "config's.",
     )
     elastic_allow_hybrid: bool = Field(
-        default=True, description="ElasticBuffer allow_hybrid_mode (RDMA+NVLink hierarchy across nodes).",
+        default=True, description="ElasticBuffer/EPBuffer allow_hybrid_mode (RDMA+NVLink hierarchy across nodes).",
     )
     elastic_deterministic: bool = Field(
-        default=False, description="ElasticBuffer deterministic=True: legacy row order, at some cost.",
+        default=False, description="ElasticBuffer/EPBuffer deterministic=True: legacy row order, at some cost.",
     )
     elastic_prefer_overlap: bool = Field(
-        default=True, description="ElasticBuffer prefer_overlap_with_compute (fewer SMs).",
+        default=True, description="ElasticBuffer/EPBuffer prefer_overlap_with_compute (fewer SMs).",
     )
     elastic_allow_multiple_reduction: bool = Field(
-        default=True, description="ElasticBuffer allow_multiple_reduction.",
+        default=True, description="ElasticBuffer/EPBuffer allow_multiple_reduction.",
     )
     nccl_build_version: str = Field(
         default="", pattern=r"^$|^\d+\.\d+\.\d+$",

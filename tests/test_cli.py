@@ -46,12 +46,12 @@ def rank_lines(out: str, rank: int) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend", ["legacy", "elastic", "definitely-not-a-backend"])
+@pytest.mark.parametrize("backend", ["legacy", "elastic", "ep", "definitely-not-a-backend"])
 def test_demo_runs_on_the_cpu_default_and_prints_the_decision(backend):
     proc = run_cli("demo", env={"RTP_LLM_DEEPEP_BACKEND": backend})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    resolved = "elastic" if backend == "elastic" else "legacy"
+    resolved = backend if backend in ("elastic", "ep") else "legacy"
     assert "provider=reference" in out and f"resolved={resolved}" in out
     assert out.count(f"backend={resolved}") == 4  # 2 ranks x 2 routers
     assert "tokens per rank=[8, 13]" in out  # every rank sends tokens by default
@@ -68,7 +68,7 @@ def test_demo_runs_on_the_cpu_default_and_prints_the_decision(backend):
 def test_demo_four_ranks_auto():
     proc = run_cli("demo", "--ranks", "4", "--backend", "auto", "--experts", "16", "--topk", "4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "resolved=elastic" in proc.stdout and "tokens per rank=[8, 13, 18, 23]" in proc.stdout
+    assert "resolved=ep" in proc.stdout and "tokens per rank=[8, 13, 18, 23]" in proc.stdout  # auto: the fastest
     lines = rank_lines(proc.stdout, 3)
     assert len(lines) == 2 and all("sent= 23 tokens" in line and "rel.err" in line for line in lines)
 

@@ -16,7 +16,8 @@ def test_ep_hint_matches_deep_ep_25_measurements_and_its_own_formula():
     # deepep_v25.md: 4 MiB at T=128 and 114 MiB at T=4096 for EP2, H=7168, K=8 (2.1's formula gives the same there).
     for fp8 in (False, True):
         assert ep_buffer_size_hint(2, 128, 7168, 8, fp8) == 4 * MiB == elastic_buffer_size_hint(2, 128, 7168, 8, fp8)
-        assert ep_buffer_size_hint(2, 4096, 7168, 8, fp8) == 114 * MiB == elastic_buffer_size_hint(2, 4096, 7168, 8, fp8)
+        assert ep_buffer_size_hint(2, 4096, 7168, 8, fp8) == 114 * MiB
+        assert elastic_buffer_size_hint(2, 4096, 7168, 8, fp8) == 114 * MiB
     # 2.5 rounds each token slot to 64 bytes: a 544-byte slot (H=256, K=2, bf16) becomes 576.
     assert (elastic_buffer_size_hint(2, 7680, 256, 2), ep_buffer_size_hint(2, 7680, 256, 2)) == (8 * MiB, 10 * MiB)
     assert ep_buffer_size_hint(8, 4096, 7168, 0) == ep_buffer_size_hint(8, 4096, 7168, 32)  # top-k 0 sizes for 32
@@ -106,3 +107,162 @@ def test_reference_ep_buffer_has_deep_ep_25_api():
         assert out["changed_topk_idx"].startswith("AssertionError") and "topk_idx" in out["changed_topk_idx"]
         assert out["inference_mode"] == "ok"
         assert out["destroyed"].startswith("RuntimeError") and "ReferenceEPBuffer" in out["destroyed"]
+
+
+# ------------------------------------------------------------------------------------- the ep generation, end to end
+def _layer(rank: int, world: int, backend: str, fp8: bool = True, scribble: bool = False, strict: bool = False) -> dict:
+    """Both routers through ``backend`` on a 3-expert-per-rank layer with an empty last rank; ``scribble``: the
+    caller overwrites its top-k ids between prepare and finalize (its tensor is its own again after prepare)."""
+    from _helpers import settings_from_env
+    from deepep_switch import DeepEPWrapper
+    from deepep_switch.quant import Quant
+    from deepep_switch.testing import (ToyExperts, dense_reference, layer_config, make_problem, relative_error,
+                                       run_moe_layer)
+    from routers import LowLatencyRouter, NormalRouter, RouterOptions
+
+    settings = settings_from_env(RTP_LLM_DEEPEP_BACKEND=backend, RTP_LLM_DEEPEP_STRICT=str(int(strict)))
+    tokens = [7 + 5 * r for r in range(world)]
+    tokens[-1] = 0
+    problem = make_problem(4, tokens, 256, 4 * world, 2)
+    experts = ToyExperts(4, 4 * world, 256)
+    reference = dense_reference(problem, experts, fp8=fp8)[problem.rank_slice(rank)]
+    out: dict = {"rank": rank}
+    for low_latency in (False, True):
+        config = layer_config(rank, world, hidden=256, experts=4 * world, topk=2, capacity=max(tokens),
+                              low_latency=low_latency, quant=Quant.FP8_BLOCK if fp8 else Quant.NONE)
+        wrapper = DeepEPWrapper.create(config, settings=settings)
+        try:
+            router = (LowLatencyRouter if low_latency else NormalRouter)(
+                wrapper, RouterOptions(quant=Quant.FP8_BLOCK if fp8 else Quant.NONE))
+            x, ids, w = problem.local(rank)
+            ids = ids.to(torch.int64).clone()
+            prepare = router.prepare
+
+            def scribbling_prepare(*args, **kwargs):
+                payload = prepare(*args, **kwargs)
+                ids.fill_(-1)  # the caller's tensor: 2.5 would assert (or, in inference mode, combine wrongly)
+                return payload
+
+            if scribble:
+                router.prepare = scribbling_prepare
+            result = run_moe_layer(router, x, ids, w, experts, rank)
+            out["low_latency" if low_latency else "normal"] = dict(
+                backend=wrapper.backend.value, buffer=type(wrapper.native_buffer).__name__,
+                path=type(router.path).__name__, bytes=wrapper.buffer_bytes, fallback=wrapper.decision.fallback,
+                error=relative_error(result, reference) if x.shape[0] else 0.0, shape=tuple(result.shape),
+                tokens=x.shape[0])
+        finally:
+            DeepEPWrapper.reset()
+    return out
+
+
+def _check_ep_layer(results: list[dict], backend: str = "ep") -> None:
+    for r in results:
+        for mode, path in (("normal", "EPNormalPath"), ("low_latency", "EPLowLatencyPath")):
+            m = r[mode]
+            assert (m["backend"], m["buffer"], m["path"], m["fallback"]) == \
+                ("ep", "ReferenceEPBuffer", path, None), r
+            assert set(m["bytes"]) == {"ep"} and m["error"] <= 1e-2 and m["shape"] == (m["tokens"], 256), r
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world,backend", [(2, "ep"), (4, "auto")])
+def test_both_routers_run_on_ep_and_auto_picks_it(world, backend):
+    _check_ep_layer(spawn(_layer, world, args=(backend,), env={"DEEPEP_SWITCH_PROVIDER": "reference"},
+                          timeout_s=200))
+
+
+@pytest.mark.timeout(240)
+def test_the_caller_may_reuse_its_ids_tensor_before_finalize_on_ep():
+    _check_ep_layer(spawn(_layer, 2, args=("ep", False, True), env={"DEEPEP_SWITCH_PROVIDER": "reference"},
+                          timeout_s=200))
+
+
+def _construction_failure(rank: int, world: int, backend: str, strict: bool) -> dict:
+    """EPBuffer's constructor raises on rank 1 only (a JIT or NCCL failure preflight cannot foresee)."""
+    from deepep_switch.decision import BackendUnavailableError
+    from deepep_switch.providers.reference import ReferenceEPBuffer
+
+    original = ReferenceEPBuffer.__init__
+
+    def failing(self, *args, **kwargs):
+        if rank == 1:
+            raise RuntimeError("EPBuffer JIT compilation failed (injected)")
+        original(self, *args, **kwargs)
+
+    ReferenceEPBuffer.__init__ = failing
+    try:
+        return _layer(rank, world, backend, strict=strict)
+    except BackendUnavailableError as exc:
+        return {"raised": str(exc)}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("backend", ["ep", "auto"])
+def test_ep_construction_failure_on_one_rank_falls_back_to_legacy_everywhere(backend):
+    results = spawn(_construction_failure, 2, args=(backend, False), env={"DEEPEP_SWITCH_PROVIDER": "reference"},
+                    timeout_s=200)
+    for r in results:
+        for mode in ("normal", "low_latency"):
+            m = r[mode]
+            assert (m["backend"], m["buffer"]) == ("legacy", "ReferenceBuffer"), r
+            assert "ep buffer construction failed on ranks [1]" in m["fallback"] and m["error"] <= 1e-2, r
+    assert "injected" in results[1]["normal"]["fallback"] and "injected" not in results[0]["normal"]["fallback"]
+
+
+@pytest.mark.timeout(120)
+def test_ep_construction_failure_in_strict_mode_raises_on_every_rank():
+    results = spawn(_construction_failure, 2, args=("ep", True), env={"DEEPEP_SWITCH_PROVIDER": "reference"},
+                    timeout_s=90)
+    assert all("ranks [1]" in r.get("raised", "") for r in results), results
+
+
+def test_ep_plan_passes_only_keywords_deep_ep_25_takes():
+    import dataclasses
+    import inspect
+
+    from deepep_switch.backends import ep
+    from deepep_switch.config import DeepepWrapperConfig
+    from deepep_switch.providers.reference import ReferenceEPBuffer
+    from deepep_switch.quant import Quant
+    from deepep_switch.settings import SwitchSettings
+
+    calls = []
+
+    class Recording:
+        @staticmethod
+        def get_buffer_size_hint(group, num_max_tokens_per_rank, hidden, num_topk=0, use_fp8_dispatch=False,
+                                 allow_hybrid_mode=True, allow_multiple_reduction=True):
+            calls.append((num_max_tokens_per_rank, hidden, num_topk, use_fp8_dispatch, allow_hybrid_mode,
+                          allow_multiple_reduction))
+            return 6 << 20
+
+    config = DeepepWrapperConfig(ep_rank=0, ep_size=2, tp_size=1, local_rank=0, world_size=2, hidden_size=7168,
+                                 expert_num=64, moe_k=8, deep_ep_num_sm=0, use_deepep_low_latency=False,
+                                 use_deepep_internode=False, ll_num_max_token=128, ll_num_max_token_per_rank=0)
+    config = dataclasses.replace(config, quant=Quant.FP8_BLOCK)
+    settings = SwitchSettings(elastic_allow_hybrid=False, elastic_deterministic=True,
+                              elastic_allow_multiple_reduction=False, elastic_prefer_overlap=False,
+                              max_tokens_per_rank=512)
+    plan = ep.plan(Recording, None, config, settings)
+    assert calls == [(512, 7168, 8, True, False, False)]
+    assert plan.backend.value == "ep" and plan.bytes == {"ep": 6 << 20} and plan.capacity == 512
+    assert plan.kwargs == dict(num_bytes=6 << 20, num_max_tokens_per_rank=512, hidden=7168, num_topk=8,
+                               use_fp8_dispatch=True, deterministic=True, allow_hybrid_mode=False,
+                               allow_multiple_reduction=False, prefer_overlap_with_compute=False,
+                               explicitly_destroy=True)
+    # ep.EP_BUFFER_KWARGS is deep_ep_v25.EPBuffer's signature; the reference provider has the same one.
+    assert set(inspect.signature(ReferenceEPBuffer).parameters) - {"group"} == ep.EP_BUFFER_KWARGS
+
+
+def test_ep_paths_refuse_what_real_deep_ep_25_cannot_serve():
+    from deepep_switch.backends import PathContext, get_spec
+    from deepep_switch.quant import Quant
+
+    spec = get_spec("ep")
+    ctx = PathContext(buffer=None, real_deep_ep=True, num_experts=8, num_local_experts=4, num_ranks=2, num_topk=2,
+                      hidden=384, capacity=8, expert_alignment=1, quant=Quant.NONE, quantize=lambda x: x, num_sms=0,
+                      device=torch.device("cpu"), group=None, timeout_s=1.0)
+    for path in (spec.normal_path, spec.low_latency_path):
+        with pytest.raises(ValueError, match="EPBuffer combine needs hidden % 256"):
+            path.build(ctx)

@@ -12,7 +12,8 @@ import pytest
 from deepep_switch.settings import (BackendChoice, ProviderChoice, SwitchSettings, env_name, get_settings,
                                     load_settings, parse_backend, reload_settings)
 
-VALID = {"legacy": BackendChoice.LEGACY, "elastic": BackendChoice.ELASTIC, "auto": BackendChoice.AUTO}
+VALID = {"legacy": BackendChoice.LEGACY, "elastic": BackendChoice.ELASTIC, "ep": BackendChoice.EP,
+         "auto": BackendChoice.AUTO}
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -28,8 +29,8 @@ def test_defaults_without_environment():
 
 
 @pytest.mark.parametrize("raw,expected", [
-    ("legacy", "legacy"), ("elastic", "elastic"), ("auto", "auto"), (" Elastic ", "elastic"),
-    ("\tAUTO\n", "auto"), ("LEGACY", "legacy"), ("", "legacy"), ("   ", "legacy"),
+    ("legacy", "legacy"), ("elastic", "elastic"), ("ep", "ep"), (" EP\n", "ep"), ("auto", "auto"),
+    (" Elastic ", "elastic"), ("\tAUTO\n", "auto"), ("LEGACY", "legacy"), ("", "legacy"), ("   ", "legacy"),
 ])
 def test_accepted_values_are_case_and_space_insensitive(monkeypatch, caplog, raw, expected):
     monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", raw)
@@ -39,7 +40,8 @@ def test_accepted_values_are_case_and_space_insensitive(monkeypatch, caplog, raw
     assert _warnings(caplog) == []
 
 
-@pytest.mark.parametrize("raw", ["elasticc", "v2", "1", "legacy,elastic", "ELASTIC_BUFFER", "nccl", "none"])
+@pytest.mark.parametrize("raw", ["elasticc", "v2", "1", "legacy,elastic", "ELASTIC_BUFFER", "nccl", "none", "epbuffer",
+                                 "e p", "v25"])
 def test_unknown_value_falls_back_to_legacy_with_one_warning(monkeypatch, caplog, raw):
     monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", raw)
     with caplog.at_level(logging.WARNING):
