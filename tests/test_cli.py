@@ -3,6 +3,7 @@ the right exit code (2: bad arguments, 1: cannot run here), checked before any r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -179,6 +180,20 @@ def test_doctor_reports_preflight_as_json():
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     decision = json.loads(proc.stdout)
     assert decision["resolved"] == "legacy" and decision["preflight"]["provider"] == "reference"
+
+
+def test_doctor_says_which_generations_this_process_can_run():
+    proc = run_cli("doctor", env={"DEEPEP_SWITCH_PROVIDER": "reference", "RTP_LLM_DEEPEP_BACKEND": "auto"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    block = proc.stdout.split("generations this process can run:\n", 1)[1].splitlines()
+    assert block[:3] == ["  legacy: all preflight checks passed", "  elastic: all preflight checks passed",
+                         "  ep: all preflight checks passed"]
+    assert "decision: requested=auto resolved=ep" in proc.stdout
+    proc = run_cli("doctor", env={"DEEPEP_SWITCH_PROVIDER": "deep_ep", "RTP_LLM_DEEPEP_BACKEND": "ep"})
+    summaries = proc.stdout.split("generations this process can run:\n", 1)[1].splitlines()[:3]
+    assert [line.split(":")[0].split()[0] for line in summaries] == ["legacy", "elastic", "ep"]
+    if not any(importlib.util.find_spec(m) for m in ("deep_ep", "deep_ep_v25")):  # why not, per generation
+        assert summaries[2].startswith("  ep unavailable: ep_import: ") and "sgl-deep-ep-v25" in summaries[2]
 
 
 def test_doctor_explains_missing_deep_ep():
