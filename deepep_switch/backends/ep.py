@@ -6,8 +6,8 @@
   and neither of the others;
 * preflight: runtime NCCL >= 2.32.3; exactly one libnccl mapped in the process (2.5's import asserts it); nvcc
   >= 13.1 within CUDA 13 where 2.5's run-time compiler looks for it; NCCL GIN or ``EP_DISABLE_GIN=1`` (the same
-  ``gin`` check as elastic). Since 2.1's ElasticBuffer needs its build NCCL (2.30.7) exactly, elastic and ep never
-  run in one process; 2.1's legacy ``Buffer`` runs beside ``EPBuffer``;
+  ``gin`` check as elastic). sgl-deep-ep 2.1's ElasticBuffer needs its build NCCL (2.30.7) exactly, so elastic and
+  ep never run in one process with it; its legacy ``Buffer`` runs beside ``EPBuffer``;
 * sizing: ``EPBuffer.get_buffer_size_hint(group, M, H, K, fp8, hybrid, multiple_reduction)`` (2.1's signature);
   the constructor gets only keywords 2.5 takes (:data:`EP_BUFFER_KWARGS`; 2.1's ``num_cpu_bytes`` is gone) and
   the ``RTP_LLM_DEEPEP_ELASTIC_*`` knobs apply to it as to ElasticBuffer;
