@@ -1,5 +1,5 @@
-"""deepep-switch: run an engine's MoE expert-parallel communication on DeepEP's legacy ``Buffer`` or its
-``ElasticBuffer``, chosen per replica by ``RTP_LLM_DEEPEP_BACKEND`` and agreed by every rank.
+"""deepep-switch: run an engine's MoE expert-parallel communication on DeepEP's legacy ``Buffer``, its 2.1
+``ElasticBuffer`` or its 2.5 ``EPBuffer``, chosen per replica by ``RTP_LLM_DEEPEP_BACKEND`` and agreed by every rank.
 
 Data flow: settings -> preflight -> decision (rank consensus) -> wrapper (buffer lifecycle) -> router
 (prepare/finalize, in the top-level ``routers`` package) -> executor.

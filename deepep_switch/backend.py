@@ -17,7 +17,11 @@ class Backend(str, Enum):
     """``deep_ep.Buffer`` (V1 API): normal and low-latency kernels."""
 
     ELASTIC = "elastic"
-    """``deep_ep.ElasticBuffer`` (V2 API): one NCCL-based dispatch/combine."""
+    """``deep_ep.ElasticBuffer`` (DeepEP 2.1's V2 API): one NCCL-based dispatch/combine."""
+
+    EP = "ep"
+    """``EPBuffer`` (DeepEP 2.5: ``deep_ep_v25`` from sgl-deep-ep-v25, or upstream ``deep_ep`` 2.5): the V2 API's
+    successor, JIT-compiled at run time."""
 
     @classmethod
     def _missing_(cls, value: Any) -> Optional["Backend"]:

@@ -12,6 +12,9 @@ import glob
 import importlib
 import importlib.metadata
 import os
+import re
+import shutil
+import subprocess
 from types import ModuleType
 from typing import Optional, Protocol
 
@@ -61,6 +64,8 @@ class Probe(Protocol):
     def rdma_nics(self) -> list[str]: ...
     def nvlink_active(self) -> Optional[bool]: ...
     def has_torch_distributed(self) -> bool: ...
+    def mapped_libnccl(self) -> list[str]: ...
+    def nvcc(self, path: Optional[str]) -> tuple[str, Optional[tuple[int, int]], str]: ...
 
 
 # Which PyPI distributions install each DeepEP import name (first found wins).
@@ -138,17 +143,44 @@ class SystemProbe:
 
         return dist.is_available()
 
+    def mapped_libnccl(self) -> list[str]:
+        """Every distinct libnccl file mapped into this process (``/proc/self/maps``), in map order."""
+        return _mapped_libnccl()
 
-def _loaded_libnccl() -> Optional[str]:
+    def nvcc(self, path: Optional[str]) -> tuple[str, Optional[tuple[int, int]], str]:
+        """Run ``path --version``; with ``path`` None, the ``nvcc`` on the search path, else
+        ``/usr/local/cuda/bin/nvcc`` (the end of DeepEP 2.5's JIT look-up).
+
+        Returns ``(the nvcc run, its CUDA release (major, minor) or None, why None)``.
+        """
+        path = path or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+        try:
+            output = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60,
+                                    check=True).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            return path, None, f"cannot run {path} --version ({type(exc).__name__}: {exc})"
+        found = re.search(r"release (\d+)\.(\d+)", output)
+        if found is None:
+            return path, None, f"cannot read a CUDA release in the output of {path} --version"
+        return path, (int(found.group(1)), int(found.group(2))), ""
+
+
+def _mapped_libnccl() -> list[str]:
+    found: list[str] = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 path = line.strip().split(" ")[-1]
-                if "libnccl" in os.path.basename(path):
-                    return path
+                if "libnccl" in os.path.basename(path) and path not in found:
+                    found.append(path)
     except OSError:
         pass
-    return None
+    return found
+
+
+def _loaded_libnccl() -> Optional[str]:
+    mapped = _mapped_libnccl()
+    return mapped[0] if mapped else None
 
 
 def _pip_libnccl() -> Optional[str]:
@@ -206,3 +238,18 @@ class HostView:
     @functools.cached_property
     def rdma_nics(self) -> list[str]:
         return self.probe.rdma_nics()
+
+    @functools.cached_property
+    def mapped_libnccl(self) -> Optional[list[str]]:
+        """The libnccl files mapped into this process; None when the probe cannot tell (one written before
+        :meth:`Probe.mapped_libnccl` existed)."""
+        method = getattr(self.probe, "mapped_libnccl", None)
+        return None if method is None else list(method())
+
+    @functools.lru_cache(maxsize=None)
+    def nvcc(self, path: Optional[str]) -> tuple[str, Optional[tuple[int, int]], str]:
+        """:meth:`Probe.nvcc`, once per path; a probe without it finds nothing."""
+        method = getattr(self.probe, "nvcc", None)
+        if method is None:
+            return path or "nvcc", None, f"{type(self.probe).__name__} cannot run nvcc"
+        return method(path)

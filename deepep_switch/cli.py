@@ -20,6 +20,7 @@ import tempfile
 import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
+from .backends import registered
 from .config import DeepEPMode, DeepepWrapperConfig
 from .decision import BackendDecision, BackendUnavailableError, resolve_backend
 from .launch import LaunchError
@@ -30,7 +31,8 @@ EXIT_OK, EXIT_CANNOT_RUN, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _T = TypeVar("_T", int, float)
 
-_DESCRIPTION = "Switch MoE expert-parallel communication between DeepEP's legacy Buffer and its ElasticBuffer."
+_DESCRIPTION = ("Switch MoE expert-parallel communication between DeepEP generations: legacy Buffer, 2.1's "
+                "ElasticBuffer, 2.5's EPBuffer.")
 _EPILOG = """exit codes: 0 ok; 1 cannot run here (provider or backend unavailable, a rank failed, demo mismatch);
 2 usage error (bad arguments). Errors are one line on stderr; --debug shows the traceback instead."""
 
@@ -272,7 +274,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     worst = max(errors, default=0.0)
     ok = worst <= 1e-2 and all(r[m]["round_trip_ok"] for r in results for m in modes)
     print(f"\nresult: {'OK' if ok else 'MISMATCH'} (worst relative error {worst:.2e}, bf16 tolerance 1e-2). "
-          "Flip RTP_LLM_DEEPEP_BACKEND=legacy|elastic|auto to switch generations.")
+          "Flip RTP_LLM_DEEPEP_BACKEND=legacy|elastic|ep|auto to switch generations.")
     return EXIT_OK if ok else EXIT_CANNOT_RUN
 
 
@@ -294,6 +296,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         for check in report.checks:
             gates = ",".join(b.value for b in check.gates) or "advisory"
             print(f"  [{'pass' if check.passed else 'FAIL'}] {check.name:18} ({gates}) {check.detail}")
+        print("generations this process can run:")
+        for spec in registered():
+            print("  " + report.summary(spec.backend))
         print("decision:", decision.describe())
     problem = _cannot_run(decision, f"{env_name('provider')}=reference", need_requested=True)
     if problem:

@@ -1,10 +1,11 @@
 """Preflight: what this machine can run, found cheaply and without allocating any communication buffer.
 
 The checks that gate every generation (a visible GPU, SM90) are here; each generation adds its own from its module
-(its library's import and class, and e.g. elastic's NCCL and GIN rules). Every probe of the host goes through a
-:class:`~deepep_switch.checks.Probe`, so tests can fake a library, a version or a NIC. The result is a
-:class:`PreflightReport`: one :class:`Check` per fact, each with pass/fail, a sentence a person can act on, and the
-generations it gates. Nothing here talks to other ranks; :mod:`deepep_switch.decision` does that.
+(its library's import and class, and e.g. elastic's NCCL and GIN rules, ep's NCCL, libnccl and nvcc rules). Every
+probe of the host goes through a :class:`~deepep_switch.checks.Probe`, so tests can fake a library, a version, a
+NIC or a compiler. The result is a :class:`PreflightReport`: one :class:`Check` per fact, each with pass/fail, a
+sentence a person can act on, and the generations it gates. Nothing here talks to other ranks;
+:mod:`deepep_switch.decision` does that.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class PreflightReport(BaseModel):
     @property
     def has_elastic_buffer(self) -> bool:
         return self.classes.get(Backend.ELASTIC.value, False)
+
+    @property
+    def has_ep_buffer(self) -> bool:
+        return self.classes.get(Backend.EP.value, False)
 
     def can_run(self, backend: Backend) -> bool:
         return not self.failures(backend)
@@ -117,23 +122,35 @@ def _merge(checks: list[Check], new: Check) -> None:
 
 
 def _library_checks(spec: BackendSpec, host: HostView, report: PreflightReport) -> list[Check]:
+    """The library's import check (some module imports) and class check (an imported module has the class).
+
+    A generation is recognised by the class a module has, never by the module's name (upstream DeepEP 2.5's
+    ``deep_ep`` has ``EPBuffer`` and no ``Buffer``); a missing class says which generations' classes the module
+    does have, and why the other modules did not import."""
     lib, gates = spec.library, (spec.backend,)
     found = [(host.library(m), m) for m in lib.modules]
     imported = [(i, m) for i, m in found if i.error is None]
+    failed = [f"import {m} failed: {i.error}" for i, m in found if i.error is not None]
     for info, module in imported:
         report.libraries[module] = info.version or "unknown"
     if not imported:
-        errors = "; ".join(f"import {m} failed: {i.error}" for i, m in found)
-        return [Check(name=lib.import_check, passed=False, gates=gates, detail=f"{errors}. {lib.install_hint}."),
+        return [Check(name=lib.import_check, passed=False, gates=gates,
+                      detail=f"{'; '.join(failed)}. {lib.install_hint}."),
                 Check(name=lib.api_check, passed=False, gates=gates, detail=f"{lib.attribute}: no module imported")]
     with_class = [(i, m) for i, m in imported if lib.attribute in i.attributes]
     report.classes[spec.name] = bool(with_class)
     info, module = (with_class or imported)[0]
     checks = [Check(name=lib.import_check, passed=True, gates=gates,
                     detail=f"{module} {info.version} from {info.origin}")]
-    checks.append(Check(name=lib.api_check, passed=bool(with_class), gates=gates, detail=(
-        f"{module}.{lib.attribute} present" if with_class else
-        f"{lib.attribute} missing from {', '.join(m for _, m in imported)}. {lib.install_hint}")))
+    if with_class:
+        checks.append(Check(name=lib.api_check, passed=True, gates=gates, detail=f"{module}.{lib.attribute} present"))
+        return checks
+    has = [f"{m} {i.version} has {', '.join(others)}" for i, m in imported
+           if (others := [f"{s.library.attribute} ({s.name})" for s in registered()
+                          if s is not spec and s.library.attribute in i.attributes])]
+    detail = f"{lib.attribute} missing from {', '.join(m for _, m in imported)}"
+    detail += "".join(f"; {part}" for part in has + failed)
+    checks.append(Check(name=lib.api_check, passed=False, gates=gates, detail=f"{detail}. {lib.install_hint}"))
     return checks
 
 

@@ -6,7 +6,7 @@ its default, in ``docs/configuration.md``.
 Two promises hold for every value an operator can type:
 
 * ``RTP_LLM_DEEPEP_BACKEND`` never raises here. Unset or empty means ``legacy``; every registered generation's
-  name (``legacy``, ``elastic``, ...) and ``auto`` are accepted in any case and with surrounding whitespace;
+  name (``legacy``, ``elastic``, ``ep``, ...) and ``auto`` are accepted in any case and with surrounding whitespace;
   anything else means ``legacy`` plus exactly one WARNING that names the bad value and the accepted ones (in
   strict mode the decision then raises on every rank).
 * Any other knob with a malformed value (``RTP_LLM_DEEPEP_NUM_SMS=abc``) falls back to its default with one
@@ -46,6 +46,7 @@ class BackendChoice(str, Enum):
 
     LEGACY = "legacy"
     ELASTIC = "elastic"
+    EP = "ep"
     AUTO = "auto"
 
     @classmethod
@@ -121,8 +122,8 @@ class SwitchSettings(BaseSettings):
     backend_raw: str = Field(
         default="",
         validation_alias=AliasChoices("backend_raw", BACKEND_ENV),
-        description="Raw RTP_LLM_DEEPEP_BACKEND: legacy (default), elastic, another registered generation, or "
-                    "auto. Parsed by `backend`.",
+        description="Raw RTP_LLM_DEEPEP_BACKEND: legacy (default), elastic, ep, another registered generation, "
+                    "or auto. Parsed by `backend`.",
     )
     backend_normal_raw: str = Field(
         default="",
@@ -149,19 +150,20 @@ class SwitchSettings(BaseSettings):
     )
     max_tokens_per_rank: int = Field(
         default=0, ge=0, le=1 << 20,
-        description="Elastic normal-mode capacity (tokens per rank per dispatch); 0 uses the wrapper config's.",
+        description="Elastic and ep normal-mode capacity (tokens per rank per dispatch); 0 uses the wrapper "
+                    "config's.",
     )
     elastic_allow_hybrid: bool = Field(
-        default=True, description="ElasticBuffer allow_hybrid_mode (RDMA+NVLink hierarchy across nodes).",
+        default=True, description="ElasticBuffer/EPBuffer allow_hybrid_mode (RDMA+NVLink hierarchy across nodes).",
     )
     elastic_deterministic: bool = Field(
-        default=False, description="ElasticBuffer deterministic=True: legacy row order, at some cost.",
+        default=False, description="ElasticBuffer/EPBuffer deterministic=True: legacy row order, at some cost.",
     )
     elastic_prefer_overlap: bool = Field(
-        default=True, description="ElasticBuffer prefer_overlap_with_compute (fewer SMs).",
+        default=True, description="ElasticBuffer/EPBuffer prefer_overlap_with_compute (fewer SMs).",
     )
     elastic_allow_multiple_reduction: bool = Field(
-        default=True, description="ElasticBuffer allow_multiple_reduction.",
+        default=True, description="ElasticBuffer/EPBuffer allow_multiple_reduction.",
     )
     nccl_build_version: str = Field(
         default="", pattern=r"^$|^\d+\.\d+\.\d+$",
@@ -171,6 +173,30 @@ class SwitchSettings(BaseSettings):
         default=False,
         validation_alias=AliasChoices("ep_disable_gin", "EP_DISABLE_GIN"),
         description="DeepEP's own EP_DISABLE_GIN, read here (never written) so preflight can judge GIN.",
+    )
+    # Where DeepEP 2.5's JIT finds nvcc, in its own order (read here, never written, so preflight can judge the
+    # ep generation's compiler): EP_JIT_NVCC_COMPILER, DJ_JIT_NVCC_COMPILER, $CUDA_HOME/bin/nvcc,
+    # $CUDA_PATH/bin/nvcc, then nvcc on PATH and /usr/local/cuda/bin/nvcc.
+    ep_jit_nvcc_compiler: str = Field(
+        default="",
+        validation_alias=AliasChoices("ep_jit_nvcc_compiler", "EP_JIT_NVCC_COMPILER"),
+        description="DeepEP 2.5's EP_JIT_NVCC_COMPILER (read, never written): the nvcc its JIT runs.",
+    )
+    dj_jit_nvcc_compiler: str = Field(
+        default="",
+        validation_alias=AliasChoices("dj_jit_nvcc_compiler", "DJ_JIT_NVCC_COMPILER"),
+        description="DeepEP 2.5's second choice of nvcc, DJ_JIT_NVCC_COMPILER (read, never written).",
+    )
+    cuda_home: str = Field(
+        default="",
+        validation_alias=AliasChoices("cuda_home", "CUDA_HOME"),
+        description="CUDA_HOME (read, never written): DeepEP 2.5's JIT runs $CUDA_HOME/bin/nvcc when no compiler "
+                    "variable is set.",
+    )
+    cuda_path: str = Field(
+        default="",
+        validation_alias=AliasChoices("cuda_path", "CUDA_PATH"),
+        description="CUDA_PATH (read, never written): DeepEP 2.5's JIT runs $CUDA_PATH/bin/nvcc after CUDA_HOME.",
     )
     validation: Validation = Field(
         default=Validation.BASIC,

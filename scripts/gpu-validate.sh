@@ -4,6 +4,7 @@
 #   scripts/gpu-validate.sh core      # test_gpu_core.py + the Triton layout kernel tests (2 GPUs)
 #   scripts/gpu-validate.sh routers   # test_gpu_routers.py (2 GPUs, and 4 if present)
 #   scripts/gpu-validate.sh validation  # test_validation.py's gpu tests (RTP_LLM_DEEPEP_VALIDATE, 2 GPUs)
+#   scripts/gpu-validate.sh reliability [K]  # test_gpu_reliability.py (soak, cycles, one-sided env, a killed rank)
 #   scripts/gpu-validate.sh rtp-llm [PATH]   # rtp-llm's DeepEP tests ported onto the stand-in (tests/rtp_llm; 2 GPUs)
 #   scripts/gpu-validate.sh bench N [bench args...]   # deepep-switch bench on N ranks
 set -uo pipefail
@@ -28,6 +29,12 @@ case "${1:-}" in
     stamp "gpu validation tests" | tee "$OUT/gpu-validation.log"
     timeout 580 python3 -m pytest -m gpu tests/test_validation.py -v -p no:cacheprovider --timeout 570 \
       -o addopts="" 2>&1 | tee -a "$OUT/gpu-validation.log"
+    ;;
+  reliability)
+    stamp "gpu reliability tests" | tee "$OUT/gpu-reliability.log"
+    timeout 590 python3 -m pytest -m gpu tests/test_gpu_reliability.py -v -p no:cacheprovider -o addopts="" -rxX \
+      ${2:+-k "$2"} 2>&1 | tee -a "$OUT/gpu-reliability.log"
+    ;;
   rtp-llm)
     stamp "gpu rtp-llm ported tests" | tee "$OUT/gpu-rtp-llm.log"
     timeout 580 python3 -m pytest -m gpu "${2:-tests/rtp_llm}" -v -p no:cacheprovider -o addopts="" -rxX 2>&1 \
@@ -40,7 +47,7 @@ case "${1:-}" in
     timeout 580 python3 -m deepep_switch.cli bench --ranks "$n" --json "$OUT/bench-ep$n.json" "$@" 2>&1 | tee -a "$OUT/bench-ep$n.log"
     ;;
   *)
-    echo "usage: $0 core|routers|validation|rtp-llm|bench N" >&2
+    echo "usage: $0 core|routers|validation|reliability [K]|rtp-llm|bench N" >&2
     exit 2
     ;;
 esac

@@ -189,15 +189,16 @@ def _nvl_capacity(rank: int, group: Any) -> dict[str, str]:
     return out
 
 
-def _elastic(rank: int, case: dict, group: Any, inp: dict) -> dict[str, Any]:
-    from deepep_switch.providers.reference import ReferenceElasticBuffer
+def _elastic(rank: int, case: dict, group: Any, inp: dict, ep: bool = False) -> dict[str, Any]:
+    """ElasticBuffer's calls; ``ep``: the same calls on DeepEP 2.5's EPBuffer (they all keep their meaning)."""
+    from deepep_switch.providers.reference import ReferenceElasticBuffer, ReferenceEPBuffer
 
+    cls = ReferenceEPBuffer if ep else ReferenceElasticBuffer
     experts, align, m = case["experts"], case["align"], case["elastic_m"]
     x, ids, w = inp["x"], inp["ids"], inp["w"]
     common = dict(num_experts=experts, expert_alignment=align)
-    buf = ReferenceElasticBuffer(group, num_max_tokens_per_rank=m, hidden=case["hidden"], num_topk=case["topk"])
-    det = ReferenceElasticBuffer(group, num_max_tokens_per_rank=m, hidden=case["hidden"], num_topk=case["topk"],
-                                 deterministic=True)
+    buf = cls(group, num_max_tokens_per_rank=m, hidden=case["hidden"], num_topk=case["topk"])
+    det = cls(group, num_max_tokens_per_rank=m, hidden=case["hidden"], num_topk=case["topk"], deterministic=True)
     out: dict[str, Any] = {}
 
     stats = torch.zeros(experts // case["world"], dtype=torch.int32)
@@ -238,8 +239,8 @@ def _elastic(rank: int, case: dict, group: Any, inp: dict) -> dict[str, Any]:
                                      zero_x=zx, zero_w=zw, **_elastic_fields(eh))
     out["expand"] = expand
 
-    single = ReferenceElasticBuffer(group, num_max_tokens_per_rank=m, hidden=case["hidden"], num_topk=case["topk"],
-                                    allow_multiple_reduction=False)
+    single = cls(group, num_max_tokens_per_rank=m, hidden=case["hidden"], num_topk=case["topk"],
+                 allow_multiple_reduction=False)
     sx, _, _, sh, _ = single.dispatch(x, topk_idx=ids, topk_weights=w, do_expand=True, **common)
     out["expand_single_reduction"] = dict(comb=single.combine(sx, sh)[0])
 
@@ -252,7 +253,7 @@ def _elastic(rank: int, case: dict, group: Any, inp: dict) -> dict[str, Any]:
 
 
 def run_cases(rank: int, world: int, cases: list[dict]) -> dict[str, dict[str, Any]]:
-    """Spawned on every rank: run every case's legacy, low-latency and elastic calls, return raw outputs."""
+    """Spawned on every rank: run every case's legacy, low-latency, elastic and ep calls, return raw outputs."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # tiny tensors; several ranks share few cores
@@ -263,5 +264,6 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> dict[str, dict[str, A
         inp = make_inputs(case, rank)
         results[case["name"]] = dict(legacy=_legacy(rank, case, group, inp),
                                      ll=_low_latency(rank, case, group, inp),
-                                     elastic=_elastic(rank, case, group, inp))
+                                     elastic=_elastic(rank, case, group, inp),
+                                     ep=_elastic(rank, case, group, inp, ep=True))
     return results

@@ -42,7 +42,7 @@ SPEC = BackendSpec(
     normal_path=elastic.ElasticNormalPath,
     low_latency_path=elastic.ElasticLowLatencyPath,
     raw_round_trip=elastic.raw_round_trip,
-    auto_priority=20,
+    auto_priority=30,  # above every built-in generation (ep: 20)
 )
 
 

@@ -3,6 +3,7 @@ the right exit code (2: bad arguments, 1: cannot run here), checked before any r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -46,12 +47,12 @@ def rank_lines(out: str, rank: int) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend", ["legacy", "elastic", "definitely-not-a-backend"])
+@pytest.mark.parametrize("backend", ["legacy", "elastic", "ep", "definitely-not-a-backend"])
 def test_demo_runs_on_the_cpu_default_and_prints_the_decision(backend):
     proc = run_cli("demo", env={"RTP_LLM_DEEPEP_BACKEND": backend})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    resolved = "elastic" if backend == "elastic" else "legacy"
+    resolved = backend if backend in ("elastic", "ep") else "legacy"
     assert "provider=reference" in out and f"resolved={resolved}" in out
     assert out.count(f"backend={resolved}") == 4  # 2 ranks x 2 routers
     assert "tokens per rank=[8, 13]" in out  # every rank sends tokens by default
@@ -68,7 +69,7 @@ def test_demo_runs_on_the_cpu_default_and_prints_the_decision(backend):
 def test_demo_four_ranks_auto():
     proc = run_cli("demo", "--ranks", "4", "--backend", "auto", "--experts", "16", "--topk", "4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "resolved=elastic" in proc.stdout and "tokens per rank=[8, 13, 18, 23]" in proc.stdout
+    assert "resolved=ep" in proc.stdout and "tokens per rank=[8, 13, 18, 23]" in proc.stdout  # auto: the fastest
     lines = rank_lines(proc.stdout, 3)
     assert len(lines) == 2 and all("sent= 23 tokens" in line and "rel.err" in line for line in lines)
 
@@ -179,6 +180,20 @@ def test_doctor_reports_preflight_as_json():
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     decision = json.loads(proc.stdout)
     assert decision["resolved"] == "legacy" and decision["preflight"]["provider"] == "reference"
+
+
+def test_doctor_says_which_generations_this_process_can_run():
+    proc = run_cli("doctor", env={"DEEPEP_SWITCH_PROVIDER": "reference", "RTP_LLM_DEEPEP_BACKEND": "auto"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    block = proc.stdout.split("generations this process can run:\n", 1)[1].splitlines()
+    assert block[:3] == ["  legacy: all preflight checks passed", "  elastic: all preflight checks passed",
+                         "  ep: all preflight checks passed"]
+    assert "decision: requested=auto resolved=ep" in proc.stdout
+    proc = run_cli("doctor", env={"DEEPEP_SWITCH_PROVIDER": "deep_ep", "RTP_LLM_DEEPEP_BACKEND": "ep"})
+    summaries = proc.stdout.split("generations this process can run:\n", 1)[1].splitlines()[:3]
+    assert [line.split(":")[0].split()[0] for line in summaries] == ["legacy", "elastic", "ep"]
+    if not any(importlib.util.find_spec(m) for m in ("deep_ep", "deep_ep_v25")):  # why not, per generation
+        assert summaries[2].startswith("  ep unavailable: ep_import: ") and "sgl-deep-ep-v25" in summaries[2]
 
 
 def test_doctor_explains_missing_deep_ep():

@@ -19,14 +19,15 @@ MODES = backend_choices()
 GIN_BIT = 1 << CHECK_NAMES.index("gin")
 
 
-def vote(mode: str = "legacy", strict: bool = False, elastic_fail: int = 0, legacy_fail: int = 0,
+def vote(mode: str = "legacy", strict: bool = False, elastic_fail: int = 0, legacy_fail: int = 0, ep_fail: int = 0,
          provider: str = "reference", problems: int = 0, unknown: bool = False, **knobs: int) -> Vote:
     values = {k: 0 for k in AGREED_KNOBS}
     values.update(elastic_allow_hybrid=1, elastic_prefer_overlap=1, elastic_allow_multiple_reduction=1,
                   validation=list(Validation).index(Validation.BASIC))
     values.update(knobs)
     masks = [0] * registry.MAX_BACKENDS
-    masks[registry.names().index("legacy")], masks[registry.names().index("elastic")] = legacy_fail, elastic_fail
+    for name, fail in (("legacy", legacy_fail), ("elastic", elastic_fail), ("ep", ep_fail)):
+        masks[registry.names().index(name)] = fail
     return Vote(provider=list(ProviderChoice).index(ProviderChoice(provider)), mode=MODES.index(BackendChoice(mode)),
                 strict=int(strict), unknown_backend=int(unknown), knob_problems=problems, registry=registry.digest(),
                 fail_masks=tuple(masks), **values)
@@ -39,8 +40,16 @@ def test_unanimous_elastic_resolves_elastic():
 
 def test_unanimous_legacy_and_auto_with_feasibility():
     assert agree([vote("legacy")] * 2).resolved is Backend.LEGACY
-    assert agree([vote("auto")] * 3).resolved is Backend.ELASTIC
-    a = agree([vote("auto"), vote("auto", elastic_fail=GIN_BIT), vote("auto")])
+    assert agree([vote("auto")] * 3).resolved is Backend.EP  # the fastest generation every rank can run
+    assert agree([vote("ep")] * 2).resolved is Backend.EP
+    # ep ruled out on one rank (e.g. its NCCL is older than 2.32.3): elastic, if every rank can run it
+    nccl = 1 << CHECK_NAMES.index("ep_nccl_runtime")
+    a = agree([vote("auto"), vote("auto", ep_fail=nccl), vote("auto")])
+    assert a.resolved is Backend.ELASTIC and "ep is unavailable on ranks [1]" in a.reasons[0]
+    # one rank has ep only, another elastic only: neither runs everywhere, so legacy
+    a = agree([vote("auto", elastic_fail=1 << CHECK_NAMES.index("nccl_build_match")), vote("auto", ep_fail=nccl)])
+    assert a.resolved is Backend.LEGACY and a.error is None
+    a = agree([vote("auto"), vote("auto", elastic_fail=GIN_BIT, ep_fail=GIN_BIT), vote("auto")])
     assert a.resolved is Backend.LEGACY and a.error is None
     assert "[1]" in a.reasons[-1] and "gin" in a.reasons[-1]
 
@@ -56,7 +65,8 @@ def test_strict_turns_every_fallback_into_an_error():
     assert agree([vote("elastic", strict=True), vote("legacy")]).error
     assert agree([vote("elastic", strict=True), vote("elastic", elastic_fail=GIN_BIT)]).error
     # auto promises a fallback, so strict does not forbid it
-    assert agree([vote("auto", strict=True), vote("auto", elastic_fail=GIN_BIT)]).error is None
+    assert agree([vote("auto", strict=True), vote("auto", elastic_fail=GIN_BIT, ep_fail=GIN_BIT)]).error is None
+    assert agree([vote("ep", strict=True), vote("ep", ep_fail=GIN_BIT)]).error
     assert agree([vote("legacy", strict=True), vote("legacy", problems=1)]).error
 
 
@@ -87,7 +97,7 @@ def test_legacy_unrunnable_is_reported():
 
 
 def test_vote_round_trips_through_ints():
-    v = vote("auto", strict=True, elastic_fail=5, num_sms=24)
+    v = vote("auto", strict=True, elastic_fail=5, ep_fail=9, num_sms=24)
     assert Vote.from_ints(v.to_ints()) == v
 
 
@@ -95,7 +105,7 @@ def test_single_process_decision_without_torch_distributed(monkeypatch):
     monkeypatch.setenv("DEEPEP_SWITCH_PROVIDER", "reference")
     monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", "auto")
     decision = resolve_backend()
-    assert decision.requested is Backend.ELASTIC and decision.resolved is Backend.ELASTIC
+    assert decision.requested is Backend.EP and decision.resolved is Backend.EP
     assert decision.requested_mode is BackendChoice.AUTO and decision.consensus is None
 
 
@@ -110,7 +120,7 @@ def test_unknown_value_is_named_in_the_reasons(monkeypatch):
 
 def _failing_gin_report() -> PreflightReport:
     return PreflightReport(provider=ProviderChoice.REFERENCE, checks=[
-        Check(name="gin", passed=False, detail="no RDMA NIC (faked)", gates=(Backend.ELASTIC,))])
+        Check(name="gin", passed=False, detail="no RDMA NIC (faked)", gates=(Backend.ELASTIC, Backend.EP))])
 
 
 def _decide(env: dict[str, str], preflight=None):

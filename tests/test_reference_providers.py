@@ -1,4 +1,5 @@
-"""Multi-process (gloo) checks of the reference providers against DeepEP 2.1.0's semantics.
+"""Multi-process (gloo) checks of the reference providers against DeepEP 2.1.0's semantics (and 2.5's EPBuffer,
+which moves tokens as 2.1's ElasticBuffer does).
 
 One ``spawn`` per world size (2 and 4 ranks) runs every case on every rank (``tests/_ref_workers.py``) and brings
 the raw outputs back. The expectations below are computed here, in one process, with plain Python loops over all
@@ -494,6 +495,13 @@ def test_legacy_intranode_nvl_bytes_bound_the_config(ep):
 
 
 # ---------------------------------------------------------------------------------------------------- elastic
+# Every check below runs on both V2-API buffers: DeepEP 2.1's ElasticBuffer and DeepEP 2.5's EPBuffer (which moves
+# tokens exactly as 2.1 does; only its API changed, see tests/test_ep.py).
+@pytest.fixture(params=["elastic", "ep"])
+def v2(request) -> str:
+    return request.param
+
+
 def _check_elastic_rows(m: Model, r: int, label: str, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                         meta: torch.Tensor, psum_rank: torch.Tensor, n: int) -> list[tuple[int, int]]:
     """Check the first n non-expand rows: grouped by source rank, metadata names the row, data matches it.
@@ -525,8 +533,8 @@ def _sorted_equals_legacy(m: Model, r: int, label: str, x, idx, w, meta, n: int)
         f"{label}: sorted weights masked to ids >= 0 == legacy weights"
 
 
-def test_elastic_dispatch_sync_rows_and_counts(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_dispatch_sync_rows_and_counts(ep, v2):
+    for m, r, label, out in ep.each(v2):
         d = out["sync"]
         n = m.num_recv(r)
         assert d["x"].shape == (n, m.H) and d["num_recv_tokens"] == n, f"{label}: N_recv rows with do_cpu_sync"
@@ -540,9 +548,9 @@ def test_elastic_dispatch_sync_rows_and_counts(ep):
         assert d["stats"].tolist() == list(m.expert_counts(r)), f"{label}: cumulative_local_expert_recv_stats"
 
 
-def test_elastic_order_is_shuffled_within_groups(ep):
+def test_elastic_order_is_shuffled_within_groups(ep, v2):
     shuffled = []
-    for m, r, label, out in ep.each("elastic"):
+    for m, r, label, out in ep.each(v2):
         d = out["sync"]
         n = m.num_recv(r)
         got = d["meta"][:n, 0].tolist()
@@ -552,8 +560,8 @@ def test_elastic_order_is_shuffled_within_groups(ep):
     assert shuffled, "elastic non-deterministic order never differed from legacy order (it should be shuffled)"
 
 
-def test_elastic_deterministic_matches_legacy_order(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_deterministic_matches_legacy_order(ep, v2):
+    for m, r, label, out in ep.each(v2):
         d = out["det"]
         rows = m.legacy_rows(r)
         n = len(rows)
@@ -572,8 +580,8 @@ def test_elastic_deterministic_matches_legacy_order(ep):
             assert [g for _, g in slots] == sorted(g for _, g in slots), f"{label}: deterministic expand order"
 
 
-def test_elastic_no_cpu_sync(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_no_cpu_sync(ep, v2):
+    for m, r, label, out in ep.each(v2):
         d = out["nosync"]
         n = m.num_recv(r)
         worst = m.R * m.M
@@ -600,8 +608,8 @@ def _expand_layout(m: Model, r: int, a: int) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.parametrize("sync", [True, False], ids=["sync", "nosync"])
-def test_elastic_expand_layout(ep, sync):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_expand_layout(ep, v2, sync):
+    for m, r, label, out in ep.each(v2):
         rows = m.legacy_rows(r)
         n = len(rows)
         for (a, s_flag), d in out["expand"].items():
@@ -646,8 +654,8 @@ def test_elastic_expand_layout(ep, sync):
 
 
 @pytest.mark.parametrize("sync", [True, False], ids=["sync", "nosync"])
-def test_elastic_expand_combine(ep, sync):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_expand_combine(ep, v2, sync):
+    for m, r, label, out in ep.each(v2):
         exp = expand_combined(m, r)
         pairs = torch.tensor([sum(1 for e in row if e >= 0) for row in m.ids[r]], dtype=torch.float32)
         for (a, s_flag), d in out["expand"].items():
@@ -661,16 +669,16 @@ def test_elastic_expand_combine(ep, sync):
             assert bitwise_equal(d["comb_w"], m.masked_w(r)), f"{lab}: combined_topk_weights from 1-D weights"
 
 
-def test_elastic_expand_combine_without_multiple_reduction(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_expand_combine_without_multiple_reduction(ep, v2):
+    for m, r, label, out in ep.each(v2):
         pairs = torch.tensor([sum(1 for e in row if e >= 0) for row in m.ids[r]], dtype=torch.float32).unsqueeze(1)
         exp = torch.where(pairs > 0, m.inp[r]["x"].float() * pairs, torch.zeros(())).to(torch.bfloat16)
         assert bitwise_equal(out["expand_single_reduction"]["comb"], exp), \
             f"{label}: allow_multiple_reduction=False: bf16(Σ_j f32(y[slot(t,j)])), one rounding"
 
 
-def test_elastic_cached_expand_zero_padding(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_cached_expand_zero_padding(ep, v2):
+    for m, r, label, out in ep.each(v2):
         for (a, sync), d in out["expand"].items():
             lab = f"{label} cached expand A={a} sync={sync}"
             counts, starts = _expand_layout(m, r, a)
@@ -680,8 +688,8 @@ def test_elastic_cached_expand_zero_padding(ep):
                 assert bool((d["zero_w"][pad] == 0).all()), f"{lab}: padding w of expert {l} zeroed"
 
 
-def test_elastic_cached_expand_rows(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_cached_expand_rows(ep, v2):
+    for m, r, label, out in ep.each(v2):
         for (a, sync), d in out["expand"].items():
             lab = f"{label} cached expand A={a} sync={sync}"
             n = m.num_recv(r)
@@ -692,8 +700,8 @@ def test_elastic_cached_expand_rows(ep):
             assert bitwise_equal(d["zero_w"][valid], d["w"][valid]), f"{lab}: cached expand weights"
 
 
-def test_elastic_combine(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_combine(ep, v2):
+    for m, r, label, out in ep.each(v2):
         d = out["sync"]
         exp = legacy_combined(m, r)
         assert bitwise_equal(d["comb"], exp), f"{label}: combined == x * |D(t)| (unweighted)"
@@ -701,15 +709,15 @@ def test_elastic_combine(ep):
         assert d["comb_w_none"], f"{label}: combined_topk_weights None without topk_weights"
 
 
-def test_elastic_combine_topk_weights_is_owner_value(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_combine_topk_weights_is_owner_value(ep, v2):
+    for m, r, label, out in ep.each(v2):
         # recv weights are not zeroed, so every destination rank sends W[t, j] back; only the owner's counts.
         assert bitwise_equal(out["sync"]["comb_w"], m.masked_w(r)), \
             f"{label}: combined_topk_weights == W where id >= 0, 0 where -1 (owner's value, not a sum)"
 
 
-def test_elastic_cached_dispatch(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_cached_dispatch(ep, v2):
+    for m, r, label, out in ep.each(v2):
         d, c = out["sync"], out["cached"]
         n = m.num_recv(r)
         assert bitwise_equal(c["x"], d["x"]), f"{label}: cached rows identical, in identical order"
@@ -722,8 +730,8 @@ def test_elastic_cached_dispatch(ep):
         assert torch.equal(c["idx2"], d["idx"])
 
 
-def test_elastic_dispatch_fp8_tuple(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_dispatch_fp8_tuple(ep, v2):
+    for m, r, label, out in ep.each(v2):
         f = out["fp8"]
         n = m.num_recv(r)
         rows = [(g // m.M, g % m.M) for g in f["meta"][:n, 0].tolist()]
@@ -734,8 +742,8 @@ def test_elastic_dispatch_fp8_tuple(ep):
         assert f["w_none"], f"{label}: recv_topk_weights is None without topk_weights"
 
 
-def test_elastic_expand_fp8_tuple(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_expand_fp8_tuple(ep, v2):
+    for m, r, label, out in ep.each(v2):
         f = out["expand_fp8"]
         n = m.num_recv(r)
         q = fp8_from_u8(f["q"])
@@ -748,8 +756,8 @@ def test_elastic_expand_fp8_tuple(ep):
                     assert bitwise_equal(f["s"][slot], m.inp[s]["scales"][t]), f"{label}: expand sf at {slot}"
 
 
-def test_elastic_tma_aligned_col_major_sf_strides(ep):
-    for m, r, label, out in ep.each("elastic"):
+def test_elastic_tma_aligned_col_major_sf_strides(ep, v2):
+    for m, r, label, out in ep.each(v2):
         f = out["expand_fp8"]
         rows = f["q"].shape[0]
         assert f["s_stride"] == (1, -(-rows // 4) * 4), f"{label}: sf strides {f['s_stride']}"

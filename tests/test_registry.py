@@ -29,10 +29,12 @@ def toy():
 
 
 def test_built_in_generations_are_registered_in_fallback_first_order():
-    assert names()[:2] == ("legacy", "elastic")
-    assert [s.backend for s in registered()][:2] == [Backend.LEGACY, Backend.ELASTIC]
+    assert names()[:3] == ("legacy", "elastic", "ep")
+    assert [s.backend for s in registered()][:3] == [Backend.LEGACY, Backend.ELASTIC, Backend.EP]
     assert get_spec(Backend.ELASTIC).library.attribute == "ElasticBuffer"
-    with pytest.raises(ValueError, match="registered: legacy, elastic"):
+    assert get_spec(Backend.EP).library.modules == ("deep_ep_v25", "deep_ep")
+    assert get_spec(Backend.EP).library.attribute == "EPBuffer"
+    with pytest.raises(ValueError, match="registered: legacy, elastic, ep"):
         get_spec("nope")
     with pytest.raises(ValueError):
         unregister("legacy")

@@ -1,4 +1,5 @@
-"""Both routers on both backends (reference providers, 2 and 4 gloo processes) against a dense float32 MoE."""
+"""Both routers on every generation (legacy, elastic, ep; reference providers, 2 and 4 gloo processes) against a
+dense float32 MoE."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from deepep_switch.testing import (ToyExperts, canonical_row_order, dense_refere
 from routers import CombineForwardPayload, LowLatencyRouter, NormalRouter, RouterOptions
 
 TOL = 1e-2  # bf16 end to end
+BACKENDS = ("legacy", "elastic", "ep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,7 @@ def _layer_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
                                 tp_group=groups[case.tp][group_index] if case.tp > 1 else None)
         row: dict = {"case": case, "tokens": x.shape[0]}
         for low_latency in (False, True):
-            for backend in ("legacy", "elastic"):
+            for backend in BACKENDS:
                 wrapper = DeepEPWrapper.create(_wrapper_config(rank, world, case, low_latency),
                                                settings=_settings(backend))
                 try:
@@ -106,11 +108,12 @@ def _check(results: list[list[dict]]) -> None:
         for row in rows:
             for mode in ("normal", "ll"):
                 err_l, out_l = row[(mode, "legacy")]
-                err_e, out_e = row[(mode, "elastic")]
-                label = f"rank {rank} {mode} {row['case']}"
-                assert err_l <= TOL and err_e <= TOL, (label, err_l, err_e)
-                if row["tokens"]:
-                    assert relative_error(out_e, out_l) <= TOL, label
+                for backend in BACKENDS[1:]:
+                    err, out = row[(mode, backend)]
+                    label = f"rank {rank} {mode} {backend} {row['case']}"
+                    assert err_l <= TOL and err <= TOL, (label, err_l, err)
+                    if row["tokens"]:
+                        assert relative_error(out, out_l) <= TOL, label
 
 
 CASES_2 = _random_cases(2, 10, seed=100) + [
@@ -128,12 +131,12 @@ CASES_4 = [dataclasses.replace(c, tokens=c.tokens[:4 // c.tp]) if c.tp > 1 else 
 
 
 @pytest.mark.timeout(240)
-def test_moe_layer_two_ranks_matches_dense_reference_on_both_backends():
+def test_moe_layer_two_ranks_matches_dense_reference_on_every_backend():
     _check(spawn(_layer_worker, 2, args=(CASES_2,), timeout_s=200))
 
 
 @pytest.mark.timeout(240)
-def test_moe_layer_four_ranks_matches_dense_reference_on_both_backends():
+def test_moe_layer_four_ranks_matches_dense_reference_on_every_backend():
     _check(spawn(_layer_worker, 4, args=(CASES_4,), timeout_s=200))
 
 
@@ -145,8 +148,9 @@ def _payload_worker(rank: int, world: int) -> dict:
     problem = make_problem(5, list(case.tokens), case.hidden, case.experts, case.topk, drop_prob=0.2)
     x, ids, w = problem.local(rank)
     out: dict = {}
-    for name, backend, extra in (("legacy", "legacy", {}), ("elastic", "elastic", {}),
-                                 ("elastic_det", "elastic", {"RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC": "1"})):
+    deterministic = {"RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC": "1"}  # the knob applies to ep too
+    for name, backend, extra in (("legacy", "legacy", {}), ("elastic", "elastic", {}), ("ep", "ep", {}),
+                                 ("elastic_det", "elastic", deterministic), ("ep_det", "ep", deterministic)):
         for low_latency in (False, True):
             wrapper = DeepEPWrapper.create(_wrapper_config(rank, world, case, low_latency),
                                            settings=_settings(backend, **extra))
@@ -169,10 +173,11 @@ def _sorted_rows(p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.timeout(120)
-def test_same_payload_on_both_backends_row_order_aside():
+def test_same_payload_on_every_backend_row_order_aside():
     for rank, out in enumerate(spawn(_payload_worker, 2, timeout_s=90)):
         legacy, elastic, det = out[("legacy", False)], out[("elastic", False)], out[("elastic_det", False)]
-        for other in (elastic, det):
+        ep, ep_det = out[("ep", False)], out[("ep_det", False)]
+        for other in (elastic, det, ep, ep_det):
             assert other["counts_cpu"] == legacy["counts_cpu"]
             assert torch.equal(other["counts"], legacy["counts"]) and other["counts"].dtype == torch.int32
             assert other["local"] is legacy["local"] is True and other["origin"] == torch.bfloat16
@@ -181,18 +186,21 @@ def test_same_payload_on_both_backends_row_order_aside():
         assert bool((legacy["w"][legacy["ids"] < 0] == 0).all()) and bool((elastic["w"][elastic["ids"] < 0] == 0).all())
         # Unspecified order by default (the reference shuffles like DeepEP V2), legacy order when deterministic.
         assert not torch.equal(elastic["x"], legacy["x"]), "expected a shuffled elastic row order"
+        assert not torch.equal(ep["x"], legacy["x"]), "expected a shuffled ep row order"
         for key in ("x", "ids", "w"):
-            assert torch.equal(det[key], legacy[key]), key
+            assert torch.equal(det[key], legacy[key]) and torch.equal(ep_det[key], legacy[key]), key
 
-        ll_legacy, ll_elastic = out[("legacy", True)], out[("elastic", True)]
-        assert torch.equal(ll_legacy["counts"], ll_elastic["counts"]) and ll_elastic["counts"].dtype == torch.int32
-        assert ll_legacy["x"].shape == ll_elastic["x"].shape and ll_legacy["expected_m"] == ll_elastic["expected_m"]
-        assert ll_elastic["counts_cpu"] is None and ll_elastic["local"] is False
-        for e, n in enumerate(ll_legacy["counts"].tolist()):
-            rows_l = ll_legacy["x"][e, :n]
-            rows_e = ll_elastic["x"][e, :n]
-            key = canonical_row_order
-            assert torch.equal(rows_l[key(rows_l)], rows_e[key(rows_e)]), (rank, e)
+        ll_legacy = out[("legacy", True)]
+        for name in ("elastic", "ep"):
+            ll_other = out[(name, True)]
+            assert torch.equal(ll_legacy["counts"], ll_other["counts"]) and ll_other["counts"].dtype == torch.int32
+            assert ll_legacy["x"].shape == ll_other["x"].shape and ll_legacy["expected_m"] == ll_other["expected_m"]
+            assert ll_other["counts_cpu"] is None and ll_other["local"] is False
+            for e, n in enumerate(ll_legacy["counts"].tolist()):
+                rows_l = ll_legacy["x"][e, :n]
+                rows_o = ll_other["x"][e, :n]
+                key = canonical_row_order
+                assert torch.equal(rows_l[key(rows_l)], rows_o[key(rows_o)]), (rank, name, e)
 
 
 # ------------------------------------------------------------------------------- errors and lifecycle
@@ -211,7 +219,7 @@ def _errors_worker(rank: int, world: int) -> dict:
         except Exception as exc:  # record the type and message for the parent to check
             out[name] = f"{type(exc).__name__}: {exc}"
 
-    for backend in ("legacy", "elastic"):
+    for backend in BACKENDS:
         wrapper = DeepEPWrapper.create(_wrapper_config(rank, world, case, True), settings=_settings(backend))
         router = LowLatencyRouter(wrapper, RouterOptions(), opt_level=1, pertoken_quant=False)
         # Rank 0 alone makes every bad call: each must fail before any collective, or it would hang.
@@ -253,7 +261,7 @@ def _errors_worker(rank: int, world: int) -> dict:
 @pytest.mark.timeout(120)
 def test_router_errors_come_before_communication():
     results = spawn(_errors_worker, 2, timeout_s=90)
-    for backend in ("legacy", "elastic"):
+    for backend in BACKENDS:
         r0 = results[0]
         assert r0[f"{backend}.scale"].startswith("ValueError") and "a1_scale" in r0[f"{backend}.scale"]
         assert r0[f"{backend}.over_capacity"].startswith("ValueError") and "capacity of 8" in r0[f"{backend}.over_capacity"]

@@ -12,7 +12,8 @@ import pytest
 from deepep_switch.settings import (BackendChoice, ProviderChoice, SwitchSettings, Validation, env_name,
                                     get_settings, load_settings, parse_backend, reload_settings)
 
-VALID = {"legacy": BackendChoice.LEGACY, "elastic": BackendChoice.ELASTIC, "auto": BackendChoice.AUTO}
+VALID = {"legacy": BackendChoice.LEGACY, "elastic": BackendChoice.ELASTIC, "ep": BackendChoice.EP,
+         "auto": BackendChoice.AUTO}
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -28,8 +29,8 @@ def test_defaults_without_environment():
 
 
 @pytest.mark.parametrize("raw,expected", [
-    ("legacy", "legacy"), ("elastic", "elastic"), ("auto", "auto"), (" Elastic ", "elastic"),
-    ("\tAUTO\n", "auto"), ("LEGACY", "legacy"), ("", "legacy"), ("   ", "legacy"),
+    ("legacy", "legacy"), ("elastic", "elastic"), ("ep", "ep"), (" EP\n", "ep"), ("auto", "auto"),
+    (" Elastic ", "elastic"), ("\tAUTO\n", "auto"), ("LEGACY", "legacy"), ("", "legacy"), ("   ", "legacy"),
 ])
 def test_accepted_values_are_case_and_space_insensitive(monkeypatch, caplog, raw, expected):
     monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", raw)
@@ -39,7 +40,8 @@ def test_accepted_values_are_case_and_space_insensitive(monkeypatch, caplog, raw
     assert _warnings(caplog) == []
 
 
-@pytest.mark.parametrize("raw", ["elasticc", "v2", "1", "legacy,elastic", "ELASTIC_BUFFER", "nccl", "none"])
+@pytest.mark.parametrize("raw", ["elasticc", "v2", "1", "legacy,elastic", "ELASTIC_BUFFER", "nccl", "none", "epbuffer",
+                                 "e p", "v25"])
 def test_unknown_value_falls_back_to_legacy_with_one_warning(monkeypatch, caplog, raw):
     monkeypatch.setenv("RTP_LLM_DEEPEP_BACKEND", raw)
     with caplog.at_level(logging.WARNING):
@@ -128,6 +130,19 @@ def test_typed_knobs_parse(monkeypatch):
     assert s.strict and s.num_sms == 24 and s.max_tokens_per_rank == 8192 and not s.elastic_allow_hybrid
     assert s.provider is ProviderChoice.REFERENCE and s.ep_disable_gin and s.nccl_build_version == "2.30.7"
     assert s.validation is Validation.FULL
+
+
+def test_deep_ep_25_compiler_variables_are_read_as_given(monkeypatch):
+    values = {"EP_JIT_NVCC_COMPILER": "/opt/cuda-13.5/bin/nvcc", "DJ_JIT_NVCC_COMPILER": "/x/nvcc",
+              "CUDA_HOME": "/usr/local/cuda-13.1", "CUDA_PATH": "relative/cuda"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    loaded = load_settings()
+    s = loaded.settings
+    assert (s.ep_jit_nvcc_compiler, s.dj_jit_nvcc_compiler, s.cuda_home, s.cuda_path) == tuple(values.values())
+    assert [env_name(f) for f in ("ep_jit_nvcc_compiler", "dj_jit_nvcc_compiler", "cuda_home", "cuda_path")] == \
+        list(values)
+    assert loaded.problems == []
 
 
 def test_settings_are_read_once_per_process(monkeypatch):

@@ -1,4 +1,4 @@
-"""The elastic generation: ``deep_ep.ElasticBuffer`` (DeepEP 2.x's V2 API), one NCCL-based dispatch/combine.
+"""The elastic generation: ``deep_ep.ElasticBuffer`` (DeepEP 2.1's V2 API), one NCCL-based dispatch/combine.
 
 * import: ``deep_ep.ElasticBuffer`` (sgl-deep-ep 0.1.2.post1 = DeepEP 2.1.0);
 * preflight: runtime NCCL >= 2.30.4, NCCL build == runtime below 2.31, GIN (or ``EP_DISABLE_GIN=1`` on one node);
@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.distributed as dist
 
+from ..backend import Backend
 from ..checks import Check, HostView, Version, format_version, parse_version
 from ..config import DeepEPMode, DeepepWrapperConfig
 from ..kernels.layout import LayoutOps, layout_ops_for
@@ -56,7 +57,7 @@ def host_checks(host: HostView, settings: SwitchSettings) -> list[Check]:
     if build is not None:
         host.facts["nccl_build_version"] = format_version(build) or ""
     checks.append(_build_match_check(runtime, build))
-    checks.append(_gin_check(host, settings))
+    checks.append(gin_check(host, settings, gates))
     return checks
 
 
@@ -84,24 +85,27 @@ def _build_match_check(runtime: Optional[Version], build: Optional[Version]) -> 
                      detail=seen + ("" if ok else f"; upgrade the runtime NCCL to >= {format_version(build)}"))
     ok = runtime == build
     return Check(name=name, passed=ok, gates=gates, detail=seen + (
-        "" if ok else f"; below 2.31 they must be equal: install nvidia-nccl-cu13=={format_version(build)}"))
+        "" if ok else f"; below 2.31 they must be equal: install nvidia-nccl-cu13=={format_version(build)} (DeepEP "
+                      "2.5's EPBuffer needs NCCL >= 2.32.3, so elastic and ep never run in one process)"))
 
 
-def _gin_check(host: HostView, settings: SwitchSettings) -> Check:
-    name, gates, nics = "gin", (SPEC.backend,), host.rdma_nics
+def gin_check(host: HostView, settings: SwitchSettings, gates: tuple[Backend, ...]) -> Check:
+    """NCCL GIN, which DeepEP's NCCL-based buffers (2.1's ElasticBuffer, 2.5's EPBuffer) assert at construction
+    unless ``EP_DISABLE_GIN=1``. One fact of the host: every generation that needs it returns it as ``gin``."""
+    name, nics = "gin", host.rdma_nics
     if host.internode:
         ok = bool(nics) and not settings.ep_disable_gin
         return Check(name=name, passed=ok, gates=gates, detail=(
             f"internode EP over RDMA NICs {nics}" if ok else
-            "internode ElasticBuffer needs NCCL GIN over an RDMA NIC: "
+            "internode DeepEP buffers need NCCL GIN over an RDMA NIC: "
             + ("unset EP_DISABLE_GIN" if settings.ep_disable_gin else "no RDMA NIC in /sys/class/infiniband")))
     if nics:
         return Check(name=name, passed=True, gates=gates, detail=f"RDMA NICs {nics} (GIN possible)")
     if settings.ep_disable_gin:
         return Check(name=name, passed=True, gates=gates,
-                     detail="no RDMA NIC; EP_DISABLE_GIN=1 (single-node NVLink ElasticBuffer)")
+                     detail="no RDMA NIC; EP_DISABLE_GIN=1 (single-node NVLink)")
     return Check(name=name, passed=False, gates=gates, detail=(
-        "no RDMA NIC, so ElasticBuffer would fail with 'NCCL GIN is unavailable'; "
+        "no RDMA NIC, so DeepEP's ElasticBuffer/EPBuffer would fail with 'NCCL GIN is unavailable'; "
         "set EP_DISABLE_GIN=1 for single-node NVLink"))
 
 
@@ -140,10 +144,11 @@ def deadline_kwargs(buffer_cls: Any, settings: SwitchSettings) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------- paths
-def check_hidden(ctx: PathContext) -> None:
-    """Real ElasticBuffer's combine kernel static-asserts hidden % 256; say so when the router is built."""
+def check_hidden(ctx: PathContext, buffer_name: str = "ElasticBuffer") -> None:
+    """Real ElasticBuffer's (and EPBuffer's) combine kernel static-asserts hidden % 256; say so when the router is
+    built."""
     if ctx.real_deep_ep and ctx.hidden % 256:
-        raise ValueError(f"ElasticBuffer combine needs hidden % 256 == 0 (a JIT static assert), got {ctx.hidden}")
+        raise ValueError(f"{buffer_name} combine needs hidden % 256 == 0 (a JIT static assert), got {ctx.hidden}")
 
 
 class ElasticNormalHandle:
@@ -185,6 +190,7 @@ class ElasticNormalPath:
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         host_sync=True, graph_capturable=False, weights=WeightsAppliedBy.EXECUTOR)
+    buffer_name: ClassVar[str] = "ElasticBuffer"
 
     def __init__(self, buffer: Any, num_experts: int, expert_alignment: int, num_sms: int,
                  num_local_experts: int, dispatch_guard: Guard, group: Any = None, timeout_s: float = 60.0) -> None:
@@ -195,7 +201,7 @@ class ElasticNormalPath:
 
     @classmethod
     def build(cls, ctx: PathContext) -> "ElasticNormalPath":
-        check_hidden(ctx)
+        check_hidden(ctx, cls.buffer_name)
         return cls(ctx.buffer, ctx.num_experts, ctx.expert_alignment, ctx.num_sms, ctx.num_local_experts,
                    ctx.deadline.guard("dispatch"), ctx.group, ctx.deadline.timeout_s)
 
@@ -285,6 +291,7 @@ class ElasticLowLatencyPath:
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         host_sync=False, graph_capturable=True, weights=WeightsAppliedBy.PATH)
+    buffer_name: ClassVar[str] = "ElasticBuffer"
 
     def __init__(self, buffer: Any, num_experts: int, capacity: int, ranks: int, quantize: Quantizer,
                  num_sms: int, ops: LayoutOps, hidden: int = 0) -> None:
@@ -296,7 +303,7 @@ class ElasticLowLatencyPath:
     @classmethod
     def build(cls, ctx: PathContext) -> "ElasticLowLatencyPath":
         assert ctx.capacity is not None, "low-latency buffers always have a capacity"
-        check_hidden(ctx)
+        check_hidden(ctx, cls.buffer_name)
         return cls(ctx.buffer, ctx.num_experts, ctx.capacity, ctx.num_ranks, ctx.quantize, ctx.num_sms,
                    layout_ops_for(ctx.device), ctx.hidden)
 
@@ -358,8 +365,9 @@ SPEC: BackendSpec = register(BackendSpec(
     summary="deep_ep.ElasticBuffer (DeepEP 2.1 V2 API): one NCCL-based dispatch/combine",
     library=Library(
         modules=("deep_ep",), attribute="ElasticBuffer", import_check="deep_ep_import", api_check="elastic_api",
-        install_hint="a deep_ep without it predates DeepEP 2.x (V1 only): install sgl-deep-ep==0.1.2.post1 "
-                     "(DeepEP 2.1.0)"),
+        install_hint="ElasticBuffer is DeepEP 2.1's (install sgl-deep-ep==0.1.2.post1); a deep_ep without it is "
+                     "either older (V1 Buffer only) or DeepEP 2.5, whose EPBuffer replaced it "
+                     "(RTP_LLM_DEEPEP_BACKEND=ep)"),
     reference=_reference,
     plan=plan,
     normal_path=ElasticNormalPath,

@@ -5,7 +5,9 @@ semantics, so engine engineers can unit-test MoE routers without GPUs (``DEEPEP_
 """
 
 from .elastic import ReferenceElasticBuffer, ReferenceEPHandle
+from .ep import ReferenceEPBuffer, ReferenceEPBufferHandle
 from .hints import ReferenceConfig
 from .legacy import ReferenceBuffer
 
-__all__ = ["ReferenceBuffer", "ReferenceElasticBuffer", "ReferenceEPHandle", "ReferenceConfig"]
+__all__ = ["ReferenceBuffer", "ReferenceElasticBuffer", "ReferenceEPBuffer", "ReferenceEPBufferHandle",
+           "ReferenceEPHandle", "ReferenceConfig"]

@@ -64,6 +64,9 @@ class ReferenceElasticBuffer:
     wrapper's plan passes it to the reference providers only) bounds every wait for peers, in seconds.
     """
 
+    handle_class: type = ReferenceEPHandle
+    """The class of the handles ``dispatch`` returns (DeepEP 2.5's keeps ``topk_idx`` by reference)."""
+
     def __init__(self, group: dist.ProcessGroup, num_bytes: Optional[int] = None, num_cpu_bytes: int = 0,
                  num_max_tokens_per_rank: int = 0, hidden: int = 0, num_topk: int = 0,
                  use_fp8_dispatch: bool = False, deterministic: bool = False, allow_hybrid_mode: bool = True,
@@ -188,7 +191,7 @@ class ReferenceElasticBuffer:
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats += counts.to(torch.int32)
         psum_rank = torch.cumsum(torch.tensor(recv_counts, device=device), 0).to(torch.int32)
-        new_handle = ReferenceEPHandle(
+        new_handle = self.handle_class(
             do_expand=do_expand, num_experts=num_experts, expert_alignment=align, num_max_tokens_per_rank=m,
             num_sms=num_sms or 4, topk_idx=topk_idx.clone() if do_handle_copy else topk_idx,
             num_recv_tokens=num_recv if do_cpu_sync else ranks * m,
