@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Optional, Protocol
 import torch
 import torch.distributed as dist
 
+from . import telemetry
 from .backend import Backend
 from .backends import FALLBACK, BackendSpec, BufferPlan, get_spec, registered
 from .buffer_guard import GuardedBuffer
@@ -54,10 +55,14 @@ class DeepEPWrapper:
             raise RuntimeError(f"DeepEP cannot run here: {decision.describe()}")
         self._provider: ProviderChoice = decision.settings.provider
         self._users: "weakref.WeakSet[BufferUser]" = weakref.WeakSet()
+        metrics = decision.settings.metrics  # telemetry (docs/operations.md#metrics)
+        free_before = telemetry.device_free_bytes(self._provider) if metrics else None
         self._buffer, self._plan, self._decision = self._build(decision)
         self._spec = get_spec(self._decision.resolved)
         logger.info("deepep-switch rank %d/%d: built %s buffer (%s mode) %s", config.ep_rank, config.ep_size,
                     self._decision.resolved.value, self._mode.name, self._plan.bytes)
+        if metrics:
+            telemetry.record_wrapper(self, free_before)
 
     # ------------------------------------------------------------------ construction
     def _build(self, decision: BackendDecision) -> tuple[Any, BufferPlan, BackendDecision]:

@@ -18,6 +18,7 @@ from typing import Any, Generic, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from deepep_switch import telemetry
 from deepep_switch.backend import Backend
 from deepep_switch.backends import BackendSpec, PathContext
 from deepep_switch.config import DeepEPMode
@@ -57,6 +58,8 @@ class RouterOptions:
         global_expert_ids: normal router: give the executor global expert ids, with -1 mapped to a zero-weight
             dummy expert (rtp-llm's bf16/W4A8 executors want this); default: local ids with -1.
         tp_rank / tp_size / tp_group: attention tensor parallelism (slice before dispatch, gather after combine).
+        layer_id: the MoE layer this router serves, a non-negative int: the ``layer`` label of its telemetry
+            (``RTP_LLM_DEEPEP_METRICS=1``); None (default) records it under ``layer="all"``.
 
     ``use_fp8=`` / ``round_scale=`` (deepep-switch 0.1) are still accepted and mapped to ``quant`` with a
     DeprecationWarning; ``options.use_fp8`` / ``options.round_scale`` read ``quant``.
@@ -68,9 +71,11 @@ class RouterOptions:
     tp_rank: int
     tp_size: int
     tp_group: Optional[dist.ProcessGroup]
+    layer_id: Optional[int]
 
     def __init__(self, quant: Quant = Quant.NONE, expert_alignment: int = 1, global_expert_ids: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1, tp_group: Optional[dist.ProcessGroup] = None, *,
+                 tp_rank: int = 0, tp_size: int = 1, tp_group: Optional[dist.ProcessGroup] = None,
+                 layer_id: Optional[int] = None, *,
                  use_fp8: Optional[bool] = None, round_scale: Optional[bool] = None) -> None:
         if use_fp8 is not None or round_scale is not None:
             warnings.warn("RouterOptions(use_fp8=, round_scale=) is deprecated: pass quant=Quant.FP8_BLOCK "
@@ -78,9 +83,11 @@ class RouterOptions:
             if quant is not Quant.NONE:
                 raise ValueError("pass either quant= or use_fp8=/round_scale=, not both")
             quant = Quant.from_flags(bool(use_fp8), bool(round_scale))
+        if layer_id is not None and (isinstance(layer_id, bool) or not isinstance(layer_id, int) or layer_id < 0):
+            raise ValueError(f"layer_id must be None or a non-negative int (a bounded metrics label), got {layer_id!r}")
         for name, value in (("quant", Quant(quant)), ("expert_alignment", expert_alignment),
                             ("global_expert_ids", global_expert_ids), ("tp_rank", tp_rank), ("tp_size", tp_size),
-                            ("tp_group", tp_group)):
+                            ("tp_group", tp_group), ("layer_id", layer_id)):
             object.__setattr__(self, name, value)
 
     @property
@@ -136,6 +143,7 @@ class RouterBase(ABC, Generic[PathT]):
         self.quantizer, self._quantize = quantizer_for(options.quant, self.device)
         self._handle: Any = None
         self._path: PathT = self._bind_path()
+        self._metrics: Optional[telemetry.RouterMetrics] = telemetry.router_metrics(self)  # None: metrics off
         wrapper.attach(self)  # told when the buffer is destroyed or rebuilt
 
     def _bind_path(self) -> Any:
@@ -155,6 +163,7 @@ class RouterBase(ABC, Generic[PathT]):
         """The wrapper destroyed or rebuilt its buffer: bind to the new one, or refuse to run until it exists."""
         self._handle = None
         self.capacity = self.wrapper.capacity
+        self._metrics = telemetry.router_metrics(self, self._metrics)  # labels follow the running backend
         try:
             self._path = self._bind_path()
         except RuntimeError as exc:  # suspended: no buffer to bind to
@@ -208,8 +217,11 @@ class RouterBase(ABC, Generic[PathT]):
         if self.capacity is not None and local > self.capacity:
             raise ValueError(f"{local} tokens per rank exceed the buffer capacity of {self.capacity} "
                              "(raise the wrapper config's max tokens per rank or RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK)")
-        payload, self._handle = self._prepare(
-            self._tp.slice(a1), self._tp.slice(topk_ids).to(torch.int64), self._tp.slice(topk_weights))
+        x, ids, weights = self._tp.slice(a1), self._tp.slice(topk_ids).to(torch.int64), self._tp.slice(topk_weights)
+        if self._metrics is None:  # the only telemetry cost when RTP_LLM_DEEPEP_METRICS is off
+            payload, self._handle = self._prepare(x, ids, weights)
+        else:
+            payload, self._handle = self._metrics.prepare(self._prepare, x, ids, weights)
         return payload
 
     def finalize(self, payload: CombineForwardPayload, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -226,7 +238,10 @@ class RouterBase(ABC, Generic[PathT]):
         if self._handle is None:
             raise RuntimeError("finalize() without a matching prepare()")
         handle, self._handle = self._handle, None
-        out = self._finalize(payload.fused_expert_output, handle, topk_weights, topk_ids)
+        if self._metrics is None:  # the only telemetry cost when RTP_LLM_DEEPEP_METRICS is off
+            out = self._finalize(payload.fused_expert_output, handle, topk_weights, topk_ids)
+        else:
+            out = self._metrics.finalize(self._finalize, payload.fused_expert_output, handle, topk_weights, topk_ids)
         original = (extra_finalize_args or {}).get("original_num_tokens")
         return self._tp.gather(out, original)
 
