@@ -64,6 +64,12 @@ class _Timer:
         self.cuda = cuda
 
     def median_us(self, fn: Callable[[], Any], iters: int, warmup: int, group: Optional[dist.ProcessGroup]) -> float:
+        return statistics.median(self.samples_us(fn, iters, warmup, group))
+
+    def samples_us(self, fn: Callable[[], Any], iters: int, warmup: int,
+                   group: Optional[dist.ProcessGroup]) -> list[float]:
+        """``iters`` timings of ``fn`` in microseconds, each after a barrier (CUDA events on GPUs, wall clock on
+        CPU), after ``warmup`` untimed calls."""
         for _ in range(warmup):
             fn()
         samples = []
@@ -81,7 +87,7 @@ class _Timer:
                 t0 = time.perf_counter()
                 fn()
                 samples.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(samples)
+        return samples
 
 
 def _quant(spec: BenchSpec) -> Quant:

@@ -214,6 +214,17 @@ class SwitchSettings(BaseSettings):
         default=None, gt=0, le=3600,
         description="Deprecated: the decision's deadline when set; use RTP_LLM_DEEPEP_TIMEOUT_S.",
     )
+    # --- telemetry (deepep_switch.telemetry; docs/operations.md#metrics) ---
+    metrics: bool = Field(
+        default=False,
+        description="Record telemetry (decision, dispatches, tokens, imbalance, latency, buffer bytes) for "
+                    "deepep_switch.telemetry.snapshot() and its Prometheus collectors. Off: one attribute check "
+                    "per prepare/finalize.",
+    )
+    metrics_sample_every: int = Field(
+        default=64, ge=1, le=1 << 20,
+        description="With metrics on, every Nth round trip of a router also samples load imbalance and latency.",
+    )
 
     @field_validator("num_sms")
     @classmethod

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Optional, Protocol
 import torch
 import torch.distributed as dist
 
+from . import telemetry
 from .backend import Backend
 from .backends import FALLBACK, BackendSpec, BufferPlan, get_spec, registered
 from .blueprint import Blueprint
@@ -66,10 +67,14 @@ class DeepEPWrapper:
         self._provider: ProviderChoice = decision.settings.provider
         self._users: "weakref.WeakSet[BufferUser]" = weakref.WeakSet()
         self._deadline = Deadline(decision.settings.timeout_s, dist.get_rank(group), dist.get_world_size(group))
+        metrics = decision.settings.metrics  # telemetry (docs/operations.md#metrics)
+        free_before = telemetry.device_free_bytes(self._provider) if metrics else None
         self._buffer, self._plan, self._decision = self._build(decision)
         self._spec = get_spec(self._decision.resolved)
         logger.info("deepep-switch rank %d/%d: built %s buffer (%s mode) %s", config.ep_rank, config.ep_size,
                     self._decision.resolved.value, self._mode.name, self._plan.bytes)
+        if metrics:
+            telemetry.record_wrapper(self, free_before)
 
     # ------------------------------------------------------------------ construction
     def _build(self, decision: BackendDecision) -> tuple[Any, BufferPlan, BackendDecision]:

@@ -23,6 +23,7 @@ from typing import Any, Generic, NamedTuple, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from deepep_switch import telemetry
 from deepep_switch.backend import Backend
 from deepep_switch.backends import BackendSpec, PathContext
 from deepep_switch.config import DeepEPMode
@@ -63,6 +64,8 @@ class RouterOptions:
         global_expert_ids: normal router: give the executor global expert ids, with -1 mapped to a zero-weight
             dummy expert (rtp-llm's bf16/W4A8 executors want this); default: local ids with -1.
         tp_rank / tp_size / tp_group: attention tensor parallelism (slice before dispatch, gather after combine).
+        layer_id: the MoE layer this router serves, a non-negative int: the ``layer`` label of its telemetry
+            (``RTP_LLM_DEEPEP_METRICS=1``); None (default) records it under ``layer="all"``.
 
     ``use_fp8=`` / ``round_scale=`` (deepep-switch 0.1) are still accepted and mapped to ``quant`` with a
     DeprecationWarning; ``options.use_fp8`` / ``options.round_scale`` read ``quant``.
@@ -74,9 +77,11 @@ class RouterOptions:
     tp_rank: int
     tp_size: int
     tp_group: Optional[dist.ProcessGroup]
+    layer_id: Optional[int]
 
     def __init__(self, quant: Quant = Quant.NONE, expert_alignment: int = 1, global_expert_ids: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1, tp_group: Optional[dist.ProcessGroup] = None, *,
+                 tp_rank: int = 0, tp_size: int = 1, tp_group: Optional[dist.ProcessGroup] = None,
+                 layer_id: Optional[int] = None, *,
                  use_fp8: Optional[bool] = None, round_scale: Optional[bool] = None) -> None:
         if use_fp8 is not None or round_scale is not None:
             warnings.warn("RouterOptions(use_fp8=, round_scale=) is deprecated: pass quant=Quant.FP8_BLOCK "
@@ -84,9 +89,11 @@ class RouterOptions:
             if quant is not Quant.NONE:
                 raise ValueError("pass either quant= or use_fp8=/round_scale=, not both")
             quant = Quant.from_flags(bool(use_fp8), bool(round_scale))
+        if layer_id is not None and (isinstance(layer_id, bool) or not isinstance(layer_id, int) or layer_id < 0):
+            raise ValueError(f"layer_id must be None or a non-negative int (a bounded metrics label), got {layer_id!r}")
         for name, value in (("quant", Quant(quant)), ("expert_alignment", expert_alignment),
                             ("global_expert_ids", global_expert_ids), ("tp_rank", tp_rank), ("tp_size", tp_size),
-                            ("tp_group", tp_group)):
+                            ("tp_group", tp_group), ("layer_id", layer_id)):
             object.__setattr__(self, name, value)
 
     @property
@@ -170,6 +177,7 @@ class RouterBase(ABC, Generic[PathT]):
         self._clean_ids = validator.clean_ids
         self._handle: Optional[OpenDispatch] = None
         self._path: PathT = self._bind_path()
+        self._metrics: Optional[telemetry.RouterMetrics] = telemetry.router_metrics(self)  # None: metrics off
         wrapper.attach(self)  # told when the buffer is destroyed or rebuilt
 
     def _bind_path(self) -> Any:
@@ -189,6 +197,7 @@ class RouterBase(ABC, Generic[PathT]):
         """The wrapper destroyed or rebuilt its buffer: bind to the new one, or refuse to run until it exists."""
         self._handle = None
         self.capacity = self.wrapper.capacity
+        self._metrics = telemetry.router_metrics(self, self._metrics)  # labels follow the running backend
         try:
             self._path = self._bind_path()
         except RuntimeError as exc:  # suspended: no buffer to bind to
@@ -248,8 +257,12 @@ class RouterBase(ABC, Generic[PathT]):
             raise ValueError(f"{local} tokens per rank exceed the buffer capacity of {self.capacity} "
                              "(raise the wrapper config's max tokens per rank or RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK)")
         self._check_values(a1, topk_weights, topk_ids)
+        x, weights = self._tp.slice(a1), self._tp.slice(topk_weights)
         ids = self._clean_ids(self._tp.slice(topk_ids).to(torch.int64))
-        payload, handle = self._prepare(self._tp.slice(a1), ids, self._tp.slice(topk_weights))
+        if self._metrics is None:  # the only telemetry cost when RTP_LLM_DEEPEP_METRICS is off
+            payload, handle = self._prepare(x, ids, weights)
+        else:
+            payload, handle = self._metrics.prepare(self._prepare, x, ids, weights)
         self._handle = OpenDispatch(handle, payload.expert_x.shape, payload.expert_x.device, ids)
         return payload
 
@@ -279,7 +292,10 @@ class RouterBase(ABC, Generic[PathT]):
                          "finalize() again or their communication deadline passes", self.ep_rank, exc)
             raise
         self._handle = None
-        out = self._finalize(y, state.handle, topk_weights, state.ids)
+        if self._metrics is None:  # the only telemetry cost when RTP_LLM_DEEPEP_METRICS is off
+            out = self._finalize(y, state.handle, topk_weights, state.ids)
+        else:
+            out = self._metrics.finalize(self._finalize, y, state.handle, topk_weights, state.ids)
         original = (extra_finalize_args or {}).get("original_num_tokens")
         return self._tp.gather(out, original)
 
