@@ -89,6 +89,7 @@ class BufferSlot:
         self._buffer: Any = None
         self._current: Optional[Built] = None
         self._kept: dict[Backend, Built] = {}
+        self._retired: dict[int, list[Any]] = {}  # id(buffer) -> routers' replaced paths over that buffer
         self._users: "weakref.WeakSet[BufferUser]" = weakref.WeakSet()
 
     # ------------------------------------------------------------------ decision
@@ -166,9 +167,9 @@ class BufferSlot:
         used = free_before - free_after if free_before is not None and free_after is not None else None
         return Built(buffer, plan, decision.model_copy(update={"buffer_bytes": plan.bytes}), "built", used)
 
-    @staticmethod
-    def abandon(buffer: Any) -> None:
+    def abandon(self, buffer: Any) -> None:
         """Drop a buffer without the collective ``destroy()`` (a peer lacks its counterpart, so it would hang)."""
+        self._retired.pop(id(buffer), None)
         logger.warning("deepep-switch: dropping this rank's buffer without a collective destroy "
                        "(its peers do not hold theirs); its memory is released with the process")
         del buffer
@@ -234,6 +235,7 @@ class BufferSlot:
 
     def destroy(self, buffer: Any) -> None:
         """Destroy one buffer collectively (it waits for every peer inside DeepEP's C++) and free its memory."""
+        self._retired.pop(id(buffer), None)
         cuda = torch.cuda.is_available()
         with self.deadline.guard("destroy"):
             if cuda:
@@ -252,6 +254,14 @@ class BufferSlot:
     def attach(self, user: BufferUser) -> None:
         """Register a router to be told when the buffer is destroyed, rebuilt or switched (held weakly)."""
         self._users.add(user)
+
+    def retire(self, path: Any) -> None:
+        """Hold a router's replaced path for as long as its buffer lives (kept): a CUDA graph captured through it
+        may still replay on that buffer, and must find everything the path owns."""
+        buffer = getattr(path, "buffer", None)
+        live = [k.buffer for k in self._kept.values()] + [self._buffer]
+        if buffer is not None and any(buffer is b for b in live):
+            self._retired.setdefault(id(buffer), []).append(path)
 
     def notify_users(self) -> None:
         for user in list(self._users):

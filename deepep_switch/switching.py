@@ -10,8 +10,9 @@ runs, agreed by every rank like ``create``.
 3. the new buffers, all of them, before any is installed (reusing the current buffer when the decision resolves to
    what the slot already runs, or a buffer every rank kept); a construction failure on any rank falls back on every
    rank (strict mode: every rank raises, and what was built for the other slots is destroyed collectively);
-4. per slot: install, tell its routers (they rebind their path), then destroy the replaced buffer or, with
-   ``keep_previous``, keep it alive (CUDA graphs captured on it stay valid) until :func:`release_kept`.
+4. per slot: install, destroy the replaced buffer or, with ``keep_previous``, keep it alive (CUDA graphs captured
+   on it stay valid, and so do the routers' replaced paths) until :func:`release_kept`; then tell its routers,
+   which rebind their path to the new buffer.
 
 Every wait has the deadline ``RTP_LLM_DEEPEP_TIMEOUT_S``; construction and ``destroy()`` run under the watchdog.
 """
@@ -101,8 +102,6 @@ def switch_slots(slots: Sequence[BufferSlot], requests: Sequence[str], loaded: L
     for slot, new in zip(slots, built):
         before = slot.backend
         previous = slot.install(new)
-        if new.source != "unchanged":
-            slot.notify_users()
         fate = "none"
         if previous is not None:
             if keep_previous:
@@ -111,6 +110,8 @@ def switch_slots(slots: Sequence[BufferSlot], requests: Sequence[str], loaded: L
             else:
                 slot.destroy(previous.buffer)
                 fate = "destroyed"
+        if new.source != "unchanged":
+            slot.notify_users()  # routers rebind; the paths they replace live on with a kept buffer
         seconds = time.perf_counter() - started
         logger.info("deepep-switch rank %d/%d: switched the %s buffer %s -> %s in %.3fs (%s; previous buffer: %s) "
                     "| %s", slot.ep_rank, slot.ep_size, slot.mode.name, before.value, new.decision.resolved.value,

@@ -203,10 +203,12 @@ class RouterBase(ABC, Generic[PathT]):
         self._handle = None
         self.capacity = self._slot.capacity
         self._metrics = telemetry.router_metrics(self, self._metrics)  # labels follow the running backend
+        replaced = self._path
         try:
             self._path = self._bind_path()
         except RuntimeError as exc:  # suspended: no buffer to bind to
             self._path = _SuspendedPath(str(exc))  # type: ignore[assignment]
+        self._slot.retire(replaced)  # kept alive with a kept buffer: graphs captured through it still replay
 
     @staticmethod
     @abstractmethod

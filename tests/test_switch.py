@@ -130,6 +130,8 @@ def _main_worker(rank: int, world: int) -> dict[str, Any]:
         wrapper.switch("elastic", mode=LL, keep_previous=True)
         elastic_ll = wrapper.slot(LL).native_buffer
         out["kept_after_keep"] = (wrapper.slot(LL).kept, legacy_ll.runtime is not None)
+        # the routers' replaced paths over the kept buffer live on with it (graphs captured through them replay)
+        out["retired"] = [type(p).__name__ for p in wrapper.slot(LL)._retired.get(id(legacy_ll), [])]
         out["snapshot_kept"] = telemetry.snapshot()["kept"]
         check("kept_elastic")
         wrapper.switch("legacy", mode=LL, keep_previous=True)
@@ -137,7 +139,8 @@ def _main_worker(rank: int, world: int) -> dict[str, Any]:
         out["kept_after_back"] = wrapper.slot(LL).kept
         check("reused_legacy")
         out["released"] = wrapper.release_previous()
-        out["after_release"] = (wrapper.slot(LL).kept, elastic_ll.runtime is None, telemetry.snapshot()["kept"])
+        out["after_release"] = (wrapper.slot(LL).kept, elastic_ll.runtime is None, telemetry.snapshot()["kept"],
+                                id(elastic_ll) in wrapper.slot(LL)._retired)
         same = wrapper.switch("legacy", mode=LL)  # already running it: nothing built, nothing freed
         out["same"] = (same.resolved.value, wrapper.slot(LL).native_buffer is legacy_ll)
         out["snapshot"] = telemetry.snapshot()
@@ -213,7 +216,8 @@ def test_keep_previous_reuse_and_release(main_results):
         assert r["reused"] and set(r["kept_after_back"]) == {"elastic"}
         assert r["backends"]["reused_legacy"] == ("elastic", "legacy")
         assert r["released"] == {"NORMAL": [], "LOW_LATENCY": ["elastic"]}
-        assert r["after_release"] == ({}, True, [])
+        assert r["retired"] == ["LegacyLowLatencyPath"] * 2  # the LL router's and the AutoRouter's
+        assert r["after_release"] == ({}, True, [], False)
         assert r["same"] == ("legacy", True)
 
 
