@@ -417,3 +417,30 @@ def test_mode_chooser_rule():
         chooser.choose()
     with pytest.raises(ValueError, match="low-latency capacity"):
         ModeChooser(128, threshold=129)
+
+
+# ---------------------------------------------------------------------------------------------- a rank never joins
+def _absent_worker(rank: int, world: int) -> Any:
+    import time
+
+    os.environ["DEEPEP_SWITCH_PROVIDER"] = "reference"
+    from deepep_switch import CommunicationTimeout, DeepEPWrapper
+
+    DeepEPWrapper.create(_config(rank, world), settings=settings_from_env(RTP_LLM_DEEPEP_TIMEOUT_S="2"))
+    if rank == 1:  # never calls switch; stays alive past the others' deadline
+        time.sleep(6)
+        return "absent"
+    started = time.monotonic()
+    try:
+        DeepEPWrapper._instance.switch("elastic")  # type: ignore[union-attr]
+    except CommunicationTimeout as exc:
+        return (type(exc).__name__, exc.missing_ranks, round(time.monotonic() - started, 1))
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+def test_switch_waits_for_peers_within_the_deadline():
+    first, second = spawn(_absent_worker, 2, timeout_s=60)
+    assert second == "absent"
+    name, missing, seconds = first
+    assert name == "ConsensusTimeout" and missing == [1] and 1.5 <= seconds <= 5, first
