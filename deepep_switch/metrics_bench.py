@@ -150,7 +150,8 @@ def summarise(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     for i, row in enumerate(per_rank[0]):
         off = max(r[i]["off_us"] for r in per_rank)
         on = max(r[i]["on_us"] for r in per_rank)
-        rows.append({**row, "off_us": round(off, 2), "on_us": round(on, 2), "ratio": round(on / off, 4) if off else None})
+        ratio = round(on / off, 4) if off else None
+        rows.append({**row, "off_us": round(off, 2), "on_us": round(on, 2), "ratio": ratio})
     return rows
 
 
