@@ -563,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write DIR/ab.json and DIR/latency_<mode>.png (plots need matplotlib)")
     ab.add_argument("--timeout", type=seconds, default=540.0)
     ab.set_defaults(func=cmd_ab)
+
+    from .metrics_bench import add_parser as add_metrics_bench  # its own module: RTP_LLM_DEEPEP_METRICS on vs off
+    add_metrics_bench(sub)
     return parser
 
 

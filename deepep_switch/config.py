@@ -84,11 +84,13 @@ class DeepepWrapperConfig:
     max_tokens_per_rank: int = 4096
     quant: Quant = Quant.NONE
 
-    def equal(self, other: Any) -> bool:
-        """Field-by-field equality. ``other`` may be rtp-llm's own config (its eighteen fields): fields it lacks
-        must hold their defaults here."""
+    def equal(self, other: Any, ignore: tuple[str, ...] = ()) -> bool:
+        """Field-by-field equality (but the fields named in ``ignore``). ``other`` may be rtp-llm's own config (its
+        eighteen fields): fields it lacks must hold their defaults here."""
         missing = object()
         for f in fields(self):
+            if f.name in ignore:
+                continue
             theirs = getattr(other, f.name, missing)
             if theirs is missing:
                 theirs = f.default

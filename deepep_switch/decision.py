@@ -45,6 +45,8 @@ AGREED_KNOBS = (
     "elastic_prefer_overlap", "elastic_allow_multiple_reduction", "validation",
 )
 _PROVIDERS = list(ProviderChoice)
+SWITCH_SOURCE = "DeepEPWrapper.switch()"
+"""What decisions of a live switch name as the source of their request (``BackendDecision.request_env``)."""
 
 
 def knob_to_int(value: Any) -> int:
@@ -317,7 +319,7 @@ def agree(table: list[Vote], request_env: str = BACKEND_ENV) -> Agreement:
 def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Optional[LoadedSettings] = None,
                     preflight: Optional[PreflightReport] = None, probe: Optional[Probe] = None,
                     internode: bool = False, low_latency: Optional[bool] = None,
-                    blueprint: Optional[Blueprint] = None) -> BackendDecision:
+                    blueprint: Optional[Blueprint] = None, request: Optional[str] = None) -> BackendDecision:
     """Decide which DeepEP generation this process runs, agreed with every rank of ``group``.
 
     Args:
@@ -331,6 +333,9 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
             ``RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY`` / ``RTP_LLM_DEEPEP_BACKEND_NORMAL``; None: RTP_LLM_DEEPEP_BACKEND.
         blueprint: what this rank is about to build (the wrapper passes its config and DeepEP's environment);
             the ranks compare it in the same all-gather.
+        request: a backend asked for in code (a live switch, :data:`SWITCH_SOURCE`), parsed exactly as
+            ``RTP_LLM_DEEPEP_BACKEND`` and replacing the environment's request (per-mode overrides included);
+            the fallback, strict and agreement rules are the same.
 
     Returns:
         The decision. Raises ``ValueError`` on every rank together, naming the fields, values and ranks, when
@@ -339,10 +344,14 @@ def resolve_backend(group: Optional[dist.ProcessGroup] = None, *, settings: Opti
         never joins within the deadline.
     """
     loaded = settings or get_settings()
+    if request is not None:
+        loaded = loaded.requesting(request)
     report = preflight or run_preflight(loaded.settings, probe, internode=internode)
     vote = Vote.local(loaded, report, low_latency, blueprint)
-    request_env, _ = loaded.settings.backend_source(low_latency)
+    request_env = SWITCH_SOURCE if request is not None else loaded.settings.backend_source(low_latency)[0]
     choice, problem = loaded.settings.backend_for(low_latency)
+    if problem is not None and request is not None:
+        problem = problem.replace(BACKEND_ENV, SWITCH_SOURCE, 1)
     world, rank = group_size_and_rank(group)
     rows = all_gather_ints(vote.to_ints(), group, loaded.settings.consensus_deadline_s, what="backend decision")
     table = [Vote.from_ints(row) for row in rows]

@@ -348,6 +348,12 @@ class LoadedSettings:
         self.mode_backend_problems = [p for p in (settings.backend_for(ll)[1] for ll in (False, True)
                                                   if settings.backend_source(ll)[0] != BACKEND_ENV) if p]
 
+    def requesting(self, raw: str) -> "LoadedSettings":
+        """These settings with ``raw`` as the backend request of every mode (a live switch): it replaces
+        ``RTP_LLM_DEEPEP_BACKEND`` and clears the per-mode overrides; every other value is kept."""
+        update = {"backend_raw": raw, "backend_normal_raw": "", "backend_low_latency_raw": ""}
+        return LoadedSettings(self.settings.model_copy(update=update), self.knob_problems)
+
     @property
     def problems(self) -> list[str]:
         """Every problem, the backend ones first."""

@@ -1,141 +1,77 @@
-"""``DeepEPWrapper``: the process-wide owner of the one DeepEP buffer, with rtp-llm's singleton semantics.
+"""``DeepEPWrapper``: the process-wide owner of the DeepEP buffers, with rtp-llm's singleton semantics.
 
-``create(config)`` runs the whole chain once per process: settings -> preflight -> rank consensus -> sizing ->
-construction, asking the registry (:mod:`deepep_switch.backends`) for the resolved generation's class and plan.
-If that constructor raises on any rank, every rank learns it through one more small all-gather and all of them
-build the fallback (legacy) buffer instead (strict mode: all of them raise). Nothing is published as the instance
-until a buffer exists on this rank, so a failed ``create`` leaves nothing half-built.
+``create(config)`` runs the whole chain once per process for the config's mode: settings -> preflight -> rank
+consensus -> sizing -> construction, asking the registry (:mod:`deepep_switch.backends`) for the resolved
+generation's class and plan. ``create_both(config)`` does it for both modes, each with its own backend
+(``RTP_LLM_DEEPEP_BACKEND_NORMAL`` / ``_LOW_LATENCY``), so one process runs prefill through ``NormalRouter`` and
+decode through ``LowLatencyRouter``. Each mode's buffer lives in a :class:`~deepep_switch.slot.BufferSlot`.
 
-Every wait for peers has the deadline ``RTP_LLM_DEEPEP_TIMEOUT_S``: the two all-gathers raise
-``CommunicationTimeout``; construction and ``destroy()``, which wait for peers inside DeepEP's C++, run under the
-watchdog (:mod:`deepep_switch.watchdog`), which ends the process if they are still blocked after the deadline
-plus its grace.
+If a constructor raises on any rank, every rank learns it through one more small all-gather and all of them build
+the fallback (legacy) buffer instead (strict mode: all of them raise, and what the other mode built is destroyed).
+Nothing is published as the instance until every buffer exists on this rank, so a failed ``create`` leaves
+nothing half-built. :meth:`DeepEPWrapper.switch` moves a running wrapper to another generation under the same
+rules (:mod:`deepep_switch.switching`).
+
+Every wait for peers has the deadline ``RTP_LLM_DEEPEP_TIMEOUT_S``: the all-gathers raise ``CommunicationTimeout``;
+construction and ``destroy()``, which wait for peers inside DeepEP's C++, run under the watchdog
+(:mod:`deepep_switch.watchdog`), which ends the process if they are still blocked after the deadline plus its grace.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
-import weakref
-from typing import Any, ClassVar, Optional, Protocol
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
-import torch
 import torch.distributed as dist
 
-from . import telemetry
 from .backend import Backend
-from .backends import FALLBACK, BackendSpec, BufferPlan, get_spec, registered
-from .blueprint import Blueprint
+from .backends import FALLBACK, BackendSpec, registered
 from .buffer_guard import GuardedBuffer
 from .config import DeepEPMode, DeepepWrapperConfig
-from .consensus import all_gather_ints
 from .deadline import Deadline
-from .decision import BackendDecision, BackendUnavailableError, resolve_backend
-from .settings import LoadedSettings, ProviderChoice, get_settings, read_deep_ep_environment
+from .decision import BackendDecision
+from .settings import BackendChoice, LoadedSettings, ProviderChoice, get_settings
+from .slot import BufferSlot, BufferUser, mode_config
+from .switching import agree_idle, build_all, release_kept, switch_slots
 
 logger = logging.getLogger("deepep_switch.wrapper")
 
-
-class BufferUser(Protocol):
-    """What the wrapper tells the routers built on it when its buffer goes away or comes back."""
-
-    @property
-    def handle(self) -> Any: ...
-    def on_buffer_changed(self) -> None: ...
+__all__ = ["BufferUser", "DeepEPWrapper"]
+_MODES = (DeepEPMode.NORMAL, DeepEPMode.LOW_LATENCY)
 
 
 class DeepEPWrapper:
-    """Owns the EP buffer of this process. Build it with :meth:`create`, find it with :meth:`get_instance`."""
+    """Owns the EP buffers of this process. Build it with :meth:`create` (one mode) or :meth:`create_both`, find it
+    with :meth:`get_instance`, move it to another generation with :meth:`switch`."""
 
     _instance: ClassVar[Optional["DeepEPWrapper"]] = None
     _lock: ClassVar[threading.RLock] = threading.RLock()
     _initialized: ClassVar[bool] = False
 
     def __init__(self, group: dist.ProcessGroup, config: DeepepWrapperConfig,
-                 settings: Optional[LoadedSettings] = None) -> None:
+                 settings: Optional[LoadedSettings] = None, modes: Optional[Sequence[DeepEPMode]] = None) -> None:
         self._group = group
         self._config = config
         self._mode = config.mode
-        # What this rank is about to build, with the environment DeepEP will read while building it (read now):
-        # every rank compares it in the decision's all-gather and raises the same ValueError on any difference.
-        blueprint = Blueprint.local(config, read_deep_ep_environment())
-        decision = resolve_backend(group, settings=settings, internode=config.use_deepep_internode,
-                                   low_latency=config.mode is DeepEPMode.LOW_LATENCY, blueprint=blueprint)
-        if not decision.runnable:
-            raise RuntimeError(f"DeepEP cannot run here: {decision.describe()}")
-        self._provider: ProviderChoice = decision.settings.provider
-        self._users: "weakref.WeakSet[BufferUser]" = weakref.WeakSet()
-        self._deadline = Deadline(decision.settings.timeout_s, dist.get_rank(group), dist.get_world_size(group))
-        metrics = decision.settings.metrics  # telemetry (docs/operations.md#metrics)
-        free_before = telemetry.device_free_bytes(self._provider) if metrics else None
-        self._buffer, self._plan, self._decision = self._build(decision)
-        self._spec = get_spec(self._decision.resolved)
-        logger.info("deepep-switch rank %d/%d: built %s buffer (%s mode) %s", config.ep_rank, config.ep_size,
-                    self._decision.resolved.value, self._mode.name, self._plan.bytes)
-        if metrics:
-            telemetry.record_wrapper(self, free_before)
-
-    # ------------------------------------------------------------------ construction
-    def _build(self, decision: BackendDecision) -> tuple[Any, BufferPlan, BackendDecision]:
-        if decision.resolved is not FALLBACK:
-            buffer, plan, error = self._try_build(get_spec(decision.resolved), decision)
-            rows = all_gather_ints([int(error is None)], self._group, decision.settings.timeout_s,
-                                   what=f"{decision.resolved.value} buffer construction")
-            failed = [rank for rank, row in enumerate(rows) if not row[0]]
-            if not failed:
-                assert plan is not None
-                return buffer, plan, decision.model_copy(update={"buffer_bytes": plan.bytes})
-            if buffer is not None:
-                self._abandon(buffer)
-            reason = f"{decision.resolved.value} buffer construction failed on ranks {failed}"
-            if error is not None:
-                reason += f" (here: {type(error).__name__}: {error})"
-            logger.error("deepep-switch: %s; %s", reason,
-                         "strict mode: raising" if decision.strict else f"every rank falls back to {FALLBACK.value}")
-            if decision.strict:
-                raise BackendUnavailableError(reason) from error
-            decision = decision.model_copy(update={
-                "resolved": FALLBACK, "fallback": reason, "reasons": [*decision.reasons, reason]})
-        buffer, plan = self._construct(get_spec(FALLBACK), decision)
-        return buffer, plan, decision.model_copy(update={"buffer_bytes": plan.bytes})
-
-    def _try_build(self, spec: BackendSpec, decision: BackendDecision
-                   ) -> tuple[Any, Optional[BufferPlan], Optional[BaseException]]:
-        try:
-            buffer, plan = self._construct(spec, decision)
-            return buffer, plan, None
-        except Exception as exc:  # any constructor failure is agreed on, then handled on every rank alike
-            return None, None, exc
-
-    def _construct(self, spec: BackendSpec, decision: BackendDecision) -> tuple[Any, BufferPlan]:
-        """Size and build ``spec``'s buffer. Both wait for peers inside DeepEP (NCCL communicator and window
-        registration, NVSHMEM initialisation), so both run under the watchdog."""
-        cls = spec.buffer_class(self._provider)
-        with self._deadline.guard("construction"):
-            plan = spec.plan(cls, self._group, self._config, decision.settings)
-            return cls(self._group, **plan.kwargs), plan
-
-    @staticmethod
-    def _abandon(buffer: Any) -> None:
-        # Another rank has no buffer, so a collective destroy() would hang: drop it without one.
-        logger.warning("deepep-switch: dropping this rank's buffer without a collective destroy "
-                       "(its peers never built theirs); its memory is released with the process")
-        del buffer
-
-    def _destroy_buffer(self) -> None:
-        buffer, self._buffer = self._buffer, None
-        if buffer is None:
-            return
-        cuda = torch.cuda.is_available()
-        with self._deadline.guard("destroy"):  # collective: it waits for every peer inside DeepEP's C++
-            if cuda:
-                torch.cuda.synchronize()
-            buffer.destroy()  # every plan sets explicitly_destroy=True
-        del buffer
-        if cuda:  # return the freed blocks to the driver so memory_reserved() drops back
-            gc.collect()
-            torch.cuda.empty_cache()
+        self._loaded = settings or get_settings()
+        wanted = tuple(modes) if modes else (config.mode,)
+        s = self._loaded.settings
+        self._deadline = Deadline(s.timeout_s, dist.get_rank(group), dist.get_world_size(group))
+        self._slots = {mode: BufferSlot(mode, mode_config(config, mode), group, self._deadline, s.provider, s.metrics)
+                       for mode in _MODES if mode in wanted}
+        slots = list(self._slots.values())
+        # Every decision (one bounded all-gather each) before any buffer: what this rank is about to build, with
+        # the environment DeepEP will read while building it, is compared there (the same ValueError everywhere).
+        decisions = [slot.decide(self._loaded) for slot in slots]
+        for decision in decisions:
+            if not decision.runnable:
+                raise RuntimeError(f"DeepEP cannot run here: {decision.describe()}")
+        self._provider: ProviderChoice = decisions[0].settings.provider
+        for slot, built in zip(slots, build_all(slots, decisions, [frozenset()] * len(slots))):
+            slot.install(built)
+            logger.info("deepep-switch rank %d/%d: built %s buffer (%s mode) %s", config.ep_rank, config.ep_size,
+                        slot.backend.value, slot.mode.name, slot.plan.bytes)
 
     # ------------------------------------------------------------------ rtp-llm singleton API
     @classmethod
@@ -157,7 +93,7 @@ class DeepEPWrapper:
     @staticmethod
     def create(config: DeepepWrapperConfig, group: Optional[dist.ProcessGroup] = None, *,
                settings: Optional[LoadedSettings] = None) -> "DeepEPWrapper":
-        """Build the process's buffer (collective over ``group``, WORLD by default).
+        """Build the process's buffer for ``config.mode`` (collective over ``group``, WORLD by default).
 
         Raises RuntimeError if torch.distributed is not initialized or a wrapper with a different config exists,
         ValueError for an invalid config (before any communication) and, on every rank together before any
@@ -165,38 +101,73 @@ class DeepEPWrapper:
         while building differ, BackendUnavailableError in strict mode, and
         ``CommunicationTimeout`` (``ConsensusTimeout``) when a rank does not join within the deadline.
         """
+        return DeepEPWrapper._create(config, group, settings, (config.mode,))
+
+    @staticmethod
+    def create_both(config: DeepepWrapperConfig, group: Optional[dist.ProcessGroup] = None, *,
+                    settings: Optional[LoadedSettings] = None) -> "DeepEPWrapper":
+        """Build a normal and a low-latency buffer in one wrapper (collective), each with its own agreed backend
+        (``RTP_LLM_DEEPEP_BACKEND_NORMAL`` / ``RTP_LLM_DEEPEP_BACKEND_LOW_LATENCY``, else
+        ``RTP_LLM_DEEPEP_BACKEND``), for :class:`routers.NormalRouter`, :class:`routers.LowLatencyRouter` and
+        :class:`routers.AutoRouter` in one process.
+
+        ``config`` must carry both capacities (``max_tokens_per_rank`` and ``ll_num_max_token_per_rank``); its
+        ``use_deepep_low_latency`` picks the primary mode, the one ``.buffer``/``.backend``/``.mode`` describe.
+        The same errors as :meth:`create`; if the second buffer fails on any rank, the fallback applies to it
+        alone, and in strict mode every rank raises after destroying the first. Nothing is published until both
+        buffers exist.
+        """
+        return DeepEPWrapper._create(config, group, settings, _MODES)
+
+    @staticmethod
+    def _create(config: DeepepWrapperConfig, group: Optional[dist.ProcessGroup], settings: Optional[LoadedSettings],
+                modes: tuple[DeepEPMode, ...]) -> "DeepEPWrapper":
         cls = DeepEPWrapper
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("torch.distributed must be initialized before DeepEPWrapper.create")
         with cls._lock:
             if cls._instance is not None:
-                if cls._instance.config.equal(config):
+                if cls._instance.owns(config) and set(modes) <= set(cls._instance.modes):
                     logger.warning("DeepEPWrapper already created with this config; reusing it")
                     return cls._instance
                 raise RuntimeError(f"DeepEPWrapper already created with a different config: "
-                                   f"{cls._instance.config} != {config}")
-            config.validate()
+                                   f"{cls._instance.config} ({'+'.join(m.name for m in cls._instance.modes)}) != "
+                                   f"{config} ({'+'.join(m.name for m in modes)})")
+            for mode in modes:
+                mode_config(config, mode).validate()
             group = group if group is not None else dist.group.WORLD
             if dist.get_world_size(group) != config.ep_size or dist.get_rank(group) != config.ep_rank:
                 raise ValueError(f"config says ep_rank={config.ep_rank}/ep_size={config.ep_size} but the group "
                                  f"has rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
-            instance = cls(group, config, settings)
+            instance = cls(group, config, settings, modes)
             cls._instance, cls._initialized = instance, True
             return instance
 
     @classmethod
     def get_instance(cls, config: DeepepWrapperConfig) -> "DeepEPWrapper":
-        """The existing wrapper; raises if none exists or its config differs (it never creates one)."""
+        """The existing wrapper; raises if none exists or it does not serve ``config`` (it never creates one).
+        A two-mode wrapper serves its config in either mode (a normal-mode lookup may leave
+        ``ll_num_max_token_per_rank`` at 0, as rtp-llm's normal routers do)."""
         with cls._lock:
             if cls._instance is None:
                 raise RuntimeError("DeepEPWrapper is not initialized; call DeepEPWrapper.create(config) first")
-            if not cls._instance.config.equal(config):
+            if not cls._instance.owns(config):
                 raise RuntimeError(f"DeepEPWrapper config mismatch: {cls._instance.config} != {config}")
             return cls._instance
 
+    def owns(self, config: Any) -> bool:
+        """Whether ``config`` (ours or rtp-llm's) describes this wrapper: equal to its config, or, for a two-mode
+        wrapper, to one of its modes' configs."""
+        if self._config.equal(config):
+            return True
+        if len(self._slots) < 2:
+            return False
+        return any(slot.config.equal(config, ignore=("ll_num_max_token_per_rank",) if mode is DeepEPMode.NORMAL
+                                     else ()) for mode, slot in self._slots.items())
+
     @classmethod
     def reset(cls) -> None:
-        """Destroy the buffer collectively (all ranks must call it) and free its memory.
+        """Destroy every buffer collectively (all ranks must call it), kept ones included, and free their memory.
 
         A rank that never calls it makes the others raise ``CommunicationTimeout`` (reference providers) or, on
         real DeepEP, be ended by the watchdog after the deadline plus its grace.
@@ -204,11 +175,13 @@ class DeepEPWrapper:
         with cls._lock:
             instance, cls._instance, cls._initialized = cls._instance, None, False
             if instance is not None:
-                instance._destroy_buffer()
+                for slot in instance._slots.values():
+                    slot.destroy_all()
 
     @classmethod
     def destroy_buffer(cls) -> None:
-        """Free the buffer but keep the wrapper and its config (collective; rtp-llm's sleep/suspend API).
+        """Free the buffers (kept ones too) but keep the wrapper, its config and decisions (collective; rtp-llm's
+        sleep/suspend API).
 
         Routers built on it stay valid: until :meth:`rebuild_buffer`, their ``prepare`` raises RuntimeError.
         Refused on every rank (RuntimeError, before any memory is freed) while any rank has a dispatch open.
@@ -216,48 +189,99 @@ class DeepEPWrapper:
         """
         with cls._lock:
             instance = cls._instance
-            if instance is None or instance._buffer is None:
+            if instance is None or instance._primary.suspended:
                 return
-            instance._agree_no_open_dispatch("destroy_buffer")
+            slots = list(instance._slots.values())
+            agree_idle(slots, instance._group, instance._deadline.timeout_s, "destroy_buffer")
             cls._initialized = False
-            instance._destroy_buffer()
-            instance._notify_users()
+            for slot in slots:
+                slot.destroy_all()
+                slot.notify_users()
             logger.info("deepep-switch rank %d/%d: %s buffer destroyed; the wrapper is suspended", instance.ep_rank,
-                        instance.ep_size, instance.backend.value)
+                        instance.ep_size, "+".join(f"{s.backend.value} {s.mode.name}" for s in slots))
 
     @classmethod
     def rebuild_buffer(cls) -> None:
-        """Build the buffer again after :meth:`destroy_buffer` (collective), with the same config and backend
-        (and the same agreed fallback if its construction fails on any rank). Routers follow it."""
+        """Build the buffers again after :meth:`destroy_buffer` (collective), with the same config and backends
+        (and the same agreed fallback if a construction fails on any rank). Routers follow it."""
         with cls._lock:
             instance = cls._instance
             if instance is None:
                 logger.info("deepep-switch: rebuild_buffer skipped: no wrapper was created")
                 return
-            if instance._buffer is not None:
+            if not instance._primary.suspended:
                 return
-            instance._buffer, instance._plan, instance._decision = instance._build(instance._decision)
-            instance._spec = get_spec(instance._decision.resolved)
+            slots = list(instance._slots.values())
+            built = build_all(slots, [slot.decision for slot in slots], [frozenset()] * len(slots))
+            for slot, new in zip(slots, built):
+                slot.install(new, record=False)
+                slot.notify_users()
+                logger.info("deepep-switch rank %d/%d: %s buffer (%s mode) rebuilt %s", instance.ep_rank,
+                            instance.ep_size, slot.backend.value, slot.mode.name, slot.plan.bytes)
             cls._initialized = True
-            instance._notify_users()
-            logger.info("deepep-switch rank %d/%d: %s buffer rebuilt %s", instance.ep_rank, instance.ep_size,
-                        instance.backend.value, instance._plan.bytes)
+
+    # ------------------------------------------------------------------ live switch
+    def switch(self, backend: Union[str, Backend, BackendChoice], *, mode: Optional[DeepEPMode] = None,
+               keep_previous: bool = False) -> BackendDecision:
+        """Move one mode's buffer to ``backend`` (a generation's name or ``auto``) while the process runs; collective.
+
+        Agreed like :meth:`create`: the same fallback and strict rules, the same deadline. Refused on every rank
+        with RuntimeError, before anything is built or freed, while any rank has a dispatch open on that mode.
+        Routers on that mode rebind to the new buffer. ``keep_previous=True`` keeps the replaced buffer alive
+        (CUDA graphs captured on it stay valid; its memory stays taken) until :meth:`release_previous`, and a
+        later switch back to its generation reuses it instead of building. ``mode`` defaults to the wrapper's
+        only mode; a two-mode wrapper needs it (or :meth:`switch_modes`). Returns the agreed decision.
+        """
+        if mode is None:
+            if len(self._slots) > 1:
+                raise ValueError("this wrapper owns both modes: pass mode=DeepEPMode.NORMAL or LOW_LATENCY, or "
+                                 "call switch_modes({mode: backend, ...})")
+            mode = self._mode
+        return self.switch_modes({mode: backend}, keep_previous=keep_previous)[mode]
+
+    def switch_modes(self, backends: Mapping[DeepEPMode, Union[str, Backend, BackendChoice]], *,
+                     keep_previous: bool = False) -> dict[DeepEPMode, BackendDecision]:
+        """:meth:`switch` for several modes at once: every new buffer exists before any is installed."""
+        missing = [m.name for m in backends if m not in self._slots]
+        if missing or not backends:
+            raise ValueError(f"this wrapper serves {[m.name for m in self._slots]}, not {missing or 'nothing'}")
+        with self._lock:
+            slots = [self._slots[m] for m in _MODES if m in backends]
+            requests = [str(getattr(backends[s.mode], "value", backends[s.mode])) for s in slots]
+            decisions = switch_slots(slots, requests, self._loaded, keep_previous, self._group,
+                                     self._deadline.timeout_s)
+            return {slot.mode: decision for slot, decision in zip(slots, decisions)}
+
+    def release_previous(self) -> dict[str, list[str]]:
+        """Destroy the buffers kept by ``switch(keep_previous=True)`` (collective; first drop or re-capture the
+        CUDA graphs that use them). Returns mode name -> generations released."""
+        with self._lock:
+            return release_kept(list(self._slots.values()), self._group, self._deadline.timeout_s)
+
+    # ------------------------------------------------------------------ slots and routers
+    def slot(self, mode: DeepEPMode) -> BufferSlot:
+        """This wrapper's buffer for ``mode``; ValueError when it does not serve that mode."""
+        slot = self._slots.get(mode)
+        if slot is None:
+            raise ValueError(f"the wrapper serves {'+'.join(m.name for m in self._slots)} mode, not {mode.name} "
+                             "(DeepEPWrapper.create_both builds both)")
+        return slot
+
+    @property
+    def modes(self) -> tuple[DeepEPMode, ...]:
+        """The modes this wrapper serves (one, or NORMAL and LOW_LATENCY)."""
+        return tuple(self._slots)
+
+    @property
+    def _primary(self) -> BufferSlot:
+        return self._slots[self._mode]
 
     def attach(self, user: BufferUser) -> None:
-        """Register a router to be told when the buffer is destroyed or rebuilt (held weakly)."""
-        self._users.add(user)
-
-    def _notify_users(self) -> None:
-        for user in list(self._users):
-            user.on_buffer_changed()
+        """Register a router (its ``mode``'s slot) to be told when the buffer is destroyed, rebuilt or switched."""
+        self.slot(getattr(user, "mode", self._mode)).attach(user)
 
     def _agree_no_open_dispatch(self, what: str) -> None:
-        open_here = sum(user.handle is not None for user in list(self._users))
-        rows = all_gather_ints([open_here], self._group, self._deadline.timeout_s, what=what)
-        busy = [rank for rank, row in enumerate(rows) if row[0]]
-        if busy:
-            raise RuntimeError(f"{what} refused on every rank: ranks {busy} have a dispatch open (prepare() without "
-                               "finalize()); finish it first")
+        agree_idle(list(self._slots.values()), self._group, self._deadline.timeout_s, what)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -272,18 +296,15 @@ class DeepEPWrapper:
     @property
     def native_buffer(self) -> Any:
         """The buffer object itself (routers' paths and bench use it). RuntimeError while suspended."""
-        if self._buffer is None:
-            raise RuntimeError("the DeepEP buffer is suspended (DeepEPWrapper.destroy_buffer()); call "
-                               "DeepEPWrapper.rebuild_buffer() on every rank first")
-        return self._buffer
+        return self._primary.native_buffer
 
     @property
     def backend(self) -> Backend:
-        return self._decision.resolved
+        return self._primary.backend
 
     @property
     def decision(self) -> BackendDecision:
-        return self._decision
+        return self._primary.decision
 
     @property
     def deadline(self) -> Deadline:
@@ -298,7 +319,7 @@ class DeepEPWrapper:
     @property
     def spec(self) -> BackendSpec:
         """The running generation's declaration (its paths, plan, library)."""
-        return self._spec
+        return self._primary.spec
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -315,11 +336,11 @@ class DeepEPWrapper:
     @property
     def capacity(self) -> Optional[int]:
         """Tokens per rank per dispatch the buffer accepts; None when unbounded (legacy normal)."""
-        return self._plan.capacity
+        return self._primary.capacity
 
     @property
     def buffer_bytes(self) -> dict[str, int]:
-        return dict(self._plan.bytes)
+        return dict(self._primary.plan.bytes)
 
     @property
     def ep_rank(self) -> int:

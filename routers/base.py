@@ -27,8 +27,10 @@ from deepep_switch import telemetry
 from deepep_switch.backend import Backend
 from deepep_switch.backends import BackendSpec, PathContext
 from deepep_switch.config import DeepEPMode
+from deepep_switch.decision import BackendDecision
 from deepep_switch.quant import Quant, quantizer_for
 from deepep_switch.settings import ProviderChoice
+from deepep_switch.slot import BufferSlot
 from deepep_switch.wrapper import DeepEPWrapper
 
 from .payloads import CombineForwardPayload, ExpertForwardPayload, FinalizeArgs
@@ -148,18 +150,20 @@ class RouterBase(ABC, Generic[PathT]):
     def __init__(self, wrapper: DeepEPWrapper, options: Optional[RouterOptions] = None, **fork_kwargs: Any) -> None:
         ignore_fork_kwargs(fork_kwargs)
         options = options or RouterOptions()
-        if wrapper.mode is not self.mode:
+        if self.mode not in wrapper.modes:
             raise ValueError(f"{type(self).__name__} needs a wrapper built in {self.mode.name} mode, "
-                             f"got {wrapper.mode.name}")
+                             f"got {'+'.join(m.name for m in wrapper.modes)} (DeepEPWrapper.create_both builds both)")
         if options.expert_alignment < 1:
             raise ValueError("expert_alignment must be >= 1")
         cfg = wrapper.config
         self.wrapper = wrapper
+        # This mode's buffer inside the wrapper, bound once: it follows destroy/rebuild and live switches.
+        self._slot: BufferSlot = wrapper.slot(self.mode)
         self.options = options
         self.num_experts, self.num_topk, self.hidden_size = cfg.expert_num, cfg.moe_k, cfg.hidden_size
         self.ep_rank, self.ep_size = cfg.ep_rank, cfg.ep_size
         self.num_local_experts = cfg.expert_num // cfg.ep_size
-        self.capacity = wrapper.capacity
+        self.capacity = self._slot.capacity
         self._tp = TensorParallelSlicer(options.tp_rank, options.tp_size, options.tp_group)
         # Real DeepEP runs on the current CUDA device; the reference providers may run anywhere (torch kernels).
         self._real_deep_ep = wrapper.provider is ProviderChoice.DEEP_EP
@@ -167,7 +171,7 @@ class RouterBase(ABC, Generic[PathT]):
                        else torch.device("cpu"))
         # Which quantiser kernel runs ("triton"/"torch"), or None without quantisation (nothing is compiled then).
         self.quantizer, self._quantize = quantizer_for(options.quant, self.device)
-        validator = validator_for(wrapper.decision.settings.validation, self.hidden_size, self.num_topk,
+        validator = validator_for(self._slot.decision.settings.validation, self.hidden_size, self.num_topk,
                                   self.num_experts, self.device if self._real_deep_ep else None)
         self.validation = validator.mode
         # Which id clean-up runs ("triton"/"torch"), or None when ids go to DeepEP as given (off).
@@ -178,30 +182,33 @@ class RouterBase(ABC, Generic[PathT]):
         self._handle: Optional[OpenDispatch] = None
         self._path: PathT = self._bind_path()
         self._metrics: Optional[telemetry.RouterMetrics] = telemetry.router_metrics(self)  # None: metrics off
-        wrapper.attach(self)  # told when the buffer is destroyed or rebuilt
+        self._slot.attach(self)  # told when the buffer is destroyed, rebuilt or switched
 
     def _bind_path(self) -> Any:
-        """Build this mode's path class of the wrapper's running generation over its current buffer."""
-        wrapper, options = self.wrapper, self.options
+        """Build this mode's path class of the slot's running generation over its current buffer."""
+        slot, options = self._slot, self.options
         ctx = PathContext(
-            buffer=wrapper.native_buffer, real_deep_ep=self._real_deep_ep, num_experts=self.num_experts,
+            buffer=slot.native_buffer, real_deep_ep=self._real_deep_ep, num_experts=self.num_experts,
             num_local_experts=self.num_local_experts, num_ranks=self.ep_size, num_topk=self.num_topk,
             hidden=self.hidden_size, capacity=self.capacity, expert_alignment=options.expert_alignment,
-            quant=options.quant, quantize=self._quantize, num_sms=wrapper.decision.settings.num_sms,
-            device=self.device, group=wrapper.group, deadline=wrapper.deadline)
-        path = self._path_class(wrapper.spec).build(ctx)
-        logger.debug("%s bound to %s path %s", type(self).__name__, wrapper.backend.value, type(path).__name__)
+            quant=options.quant, quantize=self._quantize, num_sms=slot.decision.settings.num_sms,
+            device=self.device, group=slot.group, deadline=slot.deadline)
+        path = self._path_class(slot.spec).build(ctx)
+        logger.debug("%s bound to %s path %s", type(self).__name__, slot.backend.value, type(path).__name__)
         return path
 
     def on_buffer_changed(self) -> None:
-        """The wrapper destroyed or rebuilt its buffer: bind to the new one, or refuse to run until it exists."""
+        """The wrapper destroyed, rebuilt or switched this mode's buffer: bind to the new one, or refuse to run
+        until it exists."""
         self._handle = None
-        self.capacity = self.wrapper.capacity
+        self.capacity = self._slot.capacity
         self._metrics = telemetry.router_metrics(self, self._metrics)  # labels follow the running backend
+        replaced = self._path
         try:
             self._path = self._bind_path()
         except RuntimeError as exc:  # suspended: no buffer to bind to
             self._path = _SuspendedPath(str(exc))  # type: ignore[assignment]
+        self._slot.retire(replaced)  # kept alive with a kept buffer: graphs captured through it still replay
 
     @staticmethod
     @abstractmethod
@@ -219,7 +226,13 @@ class RouterBase(ABC, Generic[PathT]):
 
     @property
     def backend(self) -> Backend:
-        return self.wrapper.backend
+        """The generation this router's mode runs now (it follows live switches)."""
+        return self._slot.backend
+
+    @property
+    def decision(self) -> BackendDecision:
+        """The agreed decision of this router's mode (settings, reasons, fallback)."""
+        return self._slot.decision
 
     @property
     def path(self) -> PathT:

@@ -7,6 +7,8 @@
 #   scripts/gpu-validate.sh reliability [K]  # test_gpu_reliability.py (soak, cycles, one-sided env, a killed rank)
 #   scripts/gpu-validate.sh rtp-llm [PATH]   # rtp-llm's DeepEP tests ported onto the stand-in (tests/rtp_llm; 2 GPUs)
 #   scripts/gpu-validate.sh bench N [bench args...]   # deepep-switch bench on N ranks
+#   scripts/gpu-validate.sh switch    # test_gpu_switch.py: live switches, kept buffers, both modes (2 GPUs)
+#   scripts/gpu-validate.sh metrics-bench [N] [args...]  # RTP_LLM_DEEPEP_METRICS on vs off, N ranks (default 2)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -46,8 +48,21 @@ case "${1:-}" in
     shift 2 || true
     timeout 580 python3 -m deepep_switch.cli bench --ranks "$n" --json "$OUT/bench-ep$n.json" "$@" 2>&1 | tee -a "$OUT/bench-ep$n.log"
     ;;
+  switch)
+    stamp "gpu switch tests" | tee "$OUT/gpu-switch.log"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/gpu-switch.log" 2>&1
+    timeout 590 python3 -m pytest -m gpu tests/test_gpu_switch.py -v -p no:cacheprovider --timeout 580 \
+      -o addopts="" -rxX 2>&1 | tee -a "$OUT/gpu-switch.log"
+    ;;
+  metrics-bench)
+    n=${2:-2}
+    stamp "metrics-bench EP$n" | tee "$OUT/metrics-bench-ep$n.log"
+    shift 2 || shift $#
+    EP_DISABLE_GIN=${EP_DISABLE_GIN:-1} timeout 580 python3 -m deepep_switch.cli metrics-bench --ranks "$n" \
+      --json "$OUT/metrics-bench-ep$n.json" "$@" 2>&1 | tee -a "$OUT/metrics-bench-ep$n.log"
+    ;;
   *)
-    echo "usage: $0 core|routers|validation|reliability [K]|rtp-llm|bench N" >&2
+    echo "usage: $0 core|routers|validation|reliability [K]|rtp-llm|bench N|switch|metrics-bench [N]" >&2
     exit 2
     ;;
 esac
