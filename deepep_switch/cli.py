@@ -233,7 +233,7 @@ def _check_backend_limits(decision: BackendDecision, configs: Sequence[DeepepWra
             hidden=config.hidden_size, capacity=config.ll_num_max_token_per_rank if low_latency else None,
             expert_alignment=1, quant=config.quant, quantize=quantizer_for(config.quant, torch.device("cpu"))[1],
             num_sms=decision.settings.num_sms, device=torch.device("cpu"), group=None,
-            deadline=Deadline(decision.settings.timeout_s, 0, 1))
+            deadline=Deadline(decision.settings.timeout_s, 0, 1), settings=decision.settings)
         try:
             (spec.low_latency_path if low_latency else spec.normal_path).build(ctx)
             if spec.backend is FALLBACK:

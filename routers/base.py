@@ -188,7 +188,7 @@ class RouterBase(ABC, Generic[PathT]):
             num_local_experts=self.num_local_experts, num_ranks=self.ep_size, num_topk=self.num_topk,
             hidden=self.hidden_size, capacity=self.capacity, expert_alignment=options.expert_alignment,
             quant=options.quant, quantize=self._quantize, num_sms=wrapper.decision.settings.num_sms,
-            device=self.device, group=wrapper.group, deadline=wrapper.deadline)
+            device=self.device, group=wrapper.group, deadline=wrapper.deadline, settings=wrapper.decision.settings)
         path = self._path_class(wrapper.spec).build(ctx)
         logger.debug("%s bound to %s path %s", type(self).__name__, wrapper.backend.value, type(path).__name__)
         return path

@@ -142,7 +142,8 @@ _INTERPRETED = _PROBE + textwrap.dedent("""
     from deepep_switch.kernels.triton_token_layout import fold_tokens_triton, pack_tokens_triton
     from tests.test_token_layout import random_rows
     for seed, rows, valid, topk, local, capacity, hidden in [(0, 12, 9, 4, 6, 12, 256), (1, 40, 33, 8, 16, 40, 384),
-                                                            (2, 6, 0, 2, 3, 6, 128), (3, 9, 9, 3, 4, 27, 128)]:
+                                                            (2, 6, 0, 2, 3, 6, 128), (3, 9, 9, 3, 4, 27, 128),
+                                                            (4, 9, 9, 3, 4, 4, 128)]:
         ids, x, w, valid_t = random_rows(seed, rows, valid, topk, local, hidden, repeat=seed == 3)
         sf = torch.rand(rows, hidden // 128)
         ex, esf, dest, counts = pack_tokens_triton(x, sf, ids, valid_t, local, capacity)
@@ -208,3 +209,11 @@ def test_triton_token_kernels_match_torch_on_gpu(fp8):
     # Same fp32 terms, summed in a different order: at most a rounding step of bf16 apart.
     assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
     assert torch.equal(fold_tokens_triton(y, dest, w, valid_t)[:valid], got)  # deterministic
+
+
+def test_an_expert_never_overflows_its_capacity():
+    """Repeated ids (validation off) could name one expert more than C times: the extra entries are dropped."""
+    ids = torch.zeros((4, 3), dtype=torch.int64)  # every entry names local expert 0
+    dest, counts = token_slots_torch(ids, torch.tensor([4]), 2, 5)
+    assert int(counts[0]) == 5 and int(counts[1]) == 0
+    assert sorted(dest[dest >= 0].tolist()) == [0, 1, 2, 3, 4] and int((dest < 0).sum()) == 7

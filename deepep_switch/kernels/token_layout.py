@@ -8,7 +8,8 @@ grouped by source rank. Each valid row ``i`` carries ``recv_topk_idx[i, j]``: a 
 * **slots**: each valid ``(i, j)`` with a local id ``l`` gets the slot ``dest[i, j] = l * C + pos`` in the flat
   ``[E_local * C]`` rows of ``expert_x`` (``C = R*N``), where ``pos`` is the number of entries with id ``l``
   before ``(i, j)`` in row-major order. Positions are therefore deterministic and grouped by source rank inside
-  each expert (legacy's order); ``dest`` is -1 elsewhere and ``counts[l]`` is the number of entries with id ``l``.
+  each expert (legacy's order); ``dest`` is -1 elsewhere and ``counts[l]`` is the number of entries with id ``l``
+  (an entry whose position would reach ``C``, possible only with repeated ids in a row, is dropped).
 * **pack** (prepare): ``expert_x.view(-1, H)[dest[i, j]] = rows[i]`` (and the FP8 scales likewise);
 * **fold** (finalize): ``out[i] = bf16(sum_j w[i, j] * f32(y.view(-1, H)[dest[i, j]]))`` over the slots of row
   ``i`` whose ``dest >= 0``, in fp32, so that ``ElasticBuffer.combine`` (non-expand: it sums one row per rank)
@@ -51,8 +52,11 @@ def token_slots_torch(ids: torch.Tensor, valid: torch.Tensor, num_local_experts:
     onehot = torch.nn.functional.one_hot(flat, num_local_experts + 1)[:, :num_local_experts].to(torch.int32)
     before = torch.cumsum(onehot, dim=0) - onehot  # entries with the same id earlier in row-major order
     pos = (before * onehot).sum(dim=1).reshape(rows, topk)
+    local &= pos < capacity  # only repeated ids (validation off) can overflow an expert: such entries are dropped
     dest = torch.where(local, ids64 * capacity + pos, torch.full_like(ids64, -1)).to(torch.int32)
-    return dest, onehot.sum(dim=0).to(torch.int32)
+    kept = torch.where(local, ids64, torch.full_like(ids64, num_local_experts)).reshape(-1)
+    counts = torch.bincount(kept, minlength=num_local_experts + 1)[:num_local_experts]
+    return dest, counts.to(torch.int32)
 
 
 def pack_tokens_torch(rows: torch.Tensor, scales: Optional[torch.Tensor], ids: torch.Tensor, valid: torch.Tensor,

@@ -43,6 +43,7 @@ def _pack_tokens_kernel(ids_ptr, valid_ptr, rows_ptr, out_ptr, sf_ptr, out_sf_pt
             pos += tl.sum((p[None, :] == v[:, None]).to(tl.int32), axis=1)
         # Earlier entries of this row with the same id (only with repeated ids, i.e. validation off).
         pos += tl.sum(((v[None, :] == v[:, None]) & (k[None, :] < k[:, None])).to(tl.int32), axis=1)
+        local = local & (pos < capacity)  # only repeated ids (validation off) can overflow an expert
         dest = tl.where(local, v * capacity + pos, -1)
         tl.store(dest_ptr + base + k, dest.to(tl.int32), mask=kmask)
         tl.atomic_add(counts_ptr + tl.where(local, v, 0), tl.full([BLOCK_K], 1, tl.int32), mask=local)
