@@ -246,7 +246,8 @@ class RouterBase(ABC, Generic[PathT]):
         ``full``'s value checks (one host sync), then ``basic``'s device-side id clean-up; every error is raised
         before any communication. The payload's ids (``expert_topk_ids``) are the ids actually dispatched.
         """
-        ignore_fork_kwargs(fork_kwargs)
+        if fork_kwargs:
+            ignore_fork_kwargs(fork_kwargs)
         if a1_scale is not None or a2_scale is not None:
             raise ValueError("a1_scale and a2_scale must be None: the router quantises a1 itself")
         if self._handle is not None:
@@ -258,7 +259,8 @@ class RouterBase(ABC, Generic[PathT]):
                              "(raise the wrapper config's max tokens per rank or RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK)")
         self._check_values(a1, topk_weights, topk_ids)
         x, weights = self._tp.slice(a1), self._tp.slice(topk_weights)
-        ids = self._clean_ids(self._tp.slice(topk_ids).to(torch.int64))
+        ids = self._tp.slice(topk_ids)
+        ids = self._clean_ids(ids if ids.dtype is torch.int64 else ids.to(torch.int64))
         if self._metrics is None:  # the only telemetry cost when RTP_LLM_DEEPEP_METRICS is off
             payload, handle = self._prepare(x, ids, weights)
         else:
@@ -277,7 +279,8 @@ class RouterBase(ABC, Generic[PathT]):
         dispatch used, so ``topk_ids`` is accepted for rtp-llm's signature only. ``apply_router_weight_on_input``
         is ignored, as in rtp-llm's DeepEP routers.
         """
-        ignore_fork_kwargs(fork_kwargs)
+        if fork_kwargs:
+            ignore_fork_kwargs(fork_kwargs)
         if skip_allreduce:
             raise ValueError("skip_allreduce is not supported by the DeepEP routers")
         state = self._handle

@@ -282,3 +282,16 @@ def test_router_errors_come_before_communication():
             assert "injected" in r[f"{backend}.combine_error"]
             assert r[f"{backend}.handle_cleared_after_error"] is True
             assert r[f"{backend}.handle_cleared"] is True
+
+
+@pytest.mark.gpu
+def test_pinned_counts_uploader_reuses_its_staging_rows():
+    from routers.normal import PinnedCountsUploader
+
+    device = torch.device("cuda", 0)
+    upload = PinnedCountsUploader(4, device)
+    outs = [upload([i, i + 1, i + 2, i + 3], device) for i in range(2 * PinnedCountsUploader.SLOTS + 1)]
+    torch.cuda.synchronize()
+    for i, out in enumerate(outs):
+        assert out.dtype == torch.int32 and out.device == device
+        assert out.tolist() == [i, i + 1, i + 2, i + 3]

@@ -207,7 +207,7 @@ class ElasticNormalPath:
             recv_x, recv_ids, recv_w, handle, _ = self.buffer.dispatch(
                 x, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
                 expert_alignment=self.expert_alignment, num_sms=self.num_sms, do_cpu_sync=True)
-        recv_w = recv_w.masked_fill(recv_ids < 0, 0.0)  # V2 keeps the sender's weight where the id is -1
+        recv_w.masked_fill_(recv_ids < 0, 0.0)  # V2 keeps the sender's weight where the id is -1 (ours to edit)
         counts = list(handle.num_recv_tokens_per_expert_list) or [0] * self.num_local_experts
         rows, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
         return NormalDispatch(rows, scales, recv_ids, recv_w, counts,

@@ -2,8 +2,9 @@
 valid count (read on the device) returns at once, so the work follows the rows actually received.
 
 * pack: the row's slots (its position = how many entries with the same local id come before it in row-major
-  order: one vectorised compare against the earlier rows' ids, deterministic), the per-expert counts (integer
-  atomics: exact), then the row (and its FP8 scales, in the same launch) copied to each of its slots.
+  order: one vectorised compare against the earlier rows' ids, deterministic), then the row (and its FP8 scales,
+  in the same launch) copied to each of its slots; ``E_local`` extra programs count each expert's entries (no
+  memset, no atomics: one launch in all).
 * fold: for each column block, the row's slots gathered as a ``[K, BLOCK_H]`` tile, weighted and summed in fp32,
   one bf16 row written.
 """
@@ -23,12 +24,21 @@ _BLOCK_H = 1024
 
 @triton.jit
 def _pack_tokens_kernel(ids_ptr, valid_ptr, rows_ptr, out_ptr, sf_ptr, out_sf_ptr, dest_ptr, counts_ptr,
-                        num_local, capacity, width, groups, rows_stride, sf_stride_row, sf_stride_g,
+                        num_rows, num_local, capacity, width, groups, rows_stride, sf_stride_row, sf_stride_g,
                         osf_stride_e, osf_stride_t, osf_stride_g,
                         K: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_W: tl.constexpr,
                         BLOCK_G: tl.constexpr, HAS_SF: tl.constexpr):
     row = tl.program_id(0)
     valid = tl.load(valid_ptr)
+    if row >= num_rows:  # one extra program per local expert: count its entries (deterministic, no atomics)
+        expert = row - num_rows
+        total = valid * K
+        hits = tl.zeros([CHUNK], dtype=tl.int32)
+        for c0 in range(0, total, CHUNK):
+            e = c0 + tl.arange(0, CHUNK)
+            p = tl.load(ids_ptr + e, mask=e < total, other=-1).to(tl.int64)
+            hits += (p == expert).to(tl.int32)
+        tl.store(counts_ptr + expert, tl.minimum(tl.sum(hits, axis=0), capacity))
     if row < valid:
         k = tl.arange(0, BLOCK_K)
         kmask = k < K
@@ -46,7 +56,6 @@ def _pack_tokens_kernel(ids_ptr, valid_ptr, rows_ptr, out_ptr, sf_ptr, out_sf_pt
         local = local & (pos < capacity)  # only repeated ids (validation off) can overflow an expert
         dest = tl.where(local, v * capacity + pos, -1)
         tl.store(dest_ptr + base + k, dest.to(tl.int32), mask=kmask)
-        tl.atomic_add(counts_ptr + tl.where(local, v, 0), tl.full([BLOCK_K], 1, tl.int32), mask=local)
         d64 = dest.to(tl.int64)
         src = rows_ptr + row.to(tl.int64) * rows_stride
         for w0 in range(0, width, BLOCK_W):
@@ -91,8 +100,7 @@ def _fold_tokens_kernel(y_ptr, dest_ptr, w_ptr, valid_ptr, out_ptr, hidden, out_
 def pack_tokens_triton(rows: torch.Tensor, scales: Optional[torch.Tensor], ids: torch.Tensor, valid: torch.Tensor,
                        num_local_experts: int, capacity: int
                        ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Same contract as ``pack_tokens_torch`` (one launch, plus the counts' memset); slots past ``counts`` are
-    left untouched."""
+    """Same contract as ``pack_tokens_torch`` (one launch); slots past ``counts`` are left untouched."""
     num_rows, hidden = rows.shape
     topk = ids.shape[1]
     device = rows.device
@@ -102,9 +110,9 @@ def pack_tokens_triton(rows: torch.Tensor, scales: Optional[torch.Tensor], ids: 
         expert_sf = torch.empty((num_local_experts, scales.shape[1], capacity), dtype=scales.dtype,
                                 device=device).transpose(1, 2)  # DeepEP's layout: token dimension contiguous
     dest = torch.empty((num_rows, topk), dtype=torch.int32, device=device)
-    counts = torch.zeros((num_local_experts,), dtype=torch.int32, device=device)
+    counts = torch.empty((num_local_experts,), dtype=torch.int32, device=device)
     if num_rows == 0 or num_local_experts == 0:
-        return expert_x, expert_sf, dest.fill_(-1), counts
+        return expert_x, expert_sf, dest.fill_(-1), counts.zero_()
     raw = _RAW[rows.element_size()]  # copy bits: bf16 and fp8 alike
     src = rows.view(raw)
     if src.stride(1) != 1:
@@ -113,8 +121,9 @@ def pack_tokens_triton(rows: torch.Tensor, scales: Optional[torch.Tensor], ids: 
     width = src.shape[1]
     sf, out_sf = (scales, expert_sf) if scales is not None else (src, expert_x)  # unused without scales
     groups = scales.shape[1] if scales is not None else 1
-    _pack_tokens_kernel[(num_rows,)](
-        ids, valid, src, expert_x.view(raw), sf, out_sf, dest, counts, num_local_experts, capacity, width, groups,
+    _pack_tokens_kernel[(num_rows + num_local_experts,)](
+        ids, valid, src, expert_x.view(raw), sf, out_sf, dest, counts, num_rows, num_local_experts, capacity, width,
+        groups,
         src.stride(0), sf.stride(0), sf.stride(1) if sf.dim() > 1 else 1,
         out_sf.stride(0), out_sf.stride(1), out_sf.stride(2),
         K=topk, BLOCK_K=triton.next_power_of_2(topk), CHUNK=_CHUNK, BLOCK_W=min(_BLOCK_H, triton.next_power_of_2(width)),
