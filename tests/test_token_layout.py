@@ -4,14 +4,12 @@ Triton is installed) and on a GPU."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from _helpers import run_in_triton_interpreter
 from deepep_switch.kernels.token_layout import (TORCH_TOKEN_OPS, fold_tokens_torch, pack_tokens_torch,
                                                 token_ops_for, token_slots_torch)
 
@@ -119,25 +117,8 @@ def test_cpu_tensors_use_the_torch_ops():
     assert token_ops_for(torch.device("cpu")) is TORCH_TOKEN_OPS
 
 
-_PROBE = textwrap.dedent("""
-    import sys
+_INTERPRETED = textwrap.dedent("""
     import torch
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _probe(out_ptr):
-        for i in range(0, tl.program_id(0) + 1, 1):
-            tl.store(out_ptr + i, i)
-
-    try:
-        _probe[(2,)](torch.zeros(2, dtype=torch.int32))
-    except Exception as exc:  # e.g. Triton 3.6's interpreter with NumPy >= 2.4: 1-element program ids
-        print(f"Triton's interpreter cannot run here: {exc!r}")
-        sys.exit(77)
-""")
-
-_INTERPRETED = _PROBE + textwrap.dedent("""
     from deepep_switch.kernels.token_layout import fold_tokens_torch, pack_tokens_torch
     from deepep_switch.kernels.triton_token_layout import fold_tokens_triton, pack_tokens_triton
     from tests.test_token_layout import random_rows
@@ -170,17 +151,8 @@ _INTERPRETED = _PROBE + textwrap.dedent("""
 
 def test_triton_kernels_match_torch_in_the_interpreter(tmp_path):
     """The Triton kernels under ``TRITON_INTERPRET=1`` (NumPy on the CPU): the code path the GPU runs, checked
-    here before any GPU sees it. Skipped where Triton is not installed."""
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    script = tmp_path / "interpreted.py"  # a file: triton.jit reads its kernels' source
-    script.write_text(_INTERPRETED)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=280)
-    if proc.returncode == 77:
-        pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0 and "interpreted ok" in proc.stdout, proc.stdout + proc.stderr
+    here before any GPU sees it. Skipped where Triton is not installed or its interpreter cannot run."""
+    run_in_triton_interpreter(_INTERPRETED, tmp_path)
 
 
 @pytest.mark.gpu
