@@ -37,7 +37,6 @@ _EPILOG = """exit codes: 0 ok; 1 cannot run here (provider or backend unavailabl
 2 usage error (bad arguments). Errors are one line on stderr; --debug shows the traceback instead."""
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``deepep-switch`` argument parser (its errors raise :class:`UsageError`)."""
     parser = Parser(prog=PROG, description=_DESCRIPTION, epilog=_EPILOG,
