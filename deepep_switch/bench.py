@@ -1,23 +1,31 @@
 """``deepep-switch bench``: what the switch costs, measured on the ranks that run it.
 
-For each backend (legacy, elastic) and mode it times, per rank, the median of ``iters`` round trips:
+For each backend and mode (and, on elastic/ep low-latency, each layout) it times, per rank, the median of
+``iters`` round trips of:
 
-* ``raw``       - DeepEP calls alone, as a hand-written integration would make them;
-* ``router``    - ``prepare`` -> identity executor -> ``finalize`` through deepep-switch;
-* ``raw graph`` / ``graph`` - (low-latency) the same two round trips captured once in a CUDA graph and replayed,
-  which is how decode runs in production (no Python or launch overhead left).
+* ``raw``        - the library's calls alone, as a hand-written integration would make them (FP8 quantised once,
+  outside the round trip);
+* ``raw+w``      - (elastic/ep low-latency) the cheapest *correct* hand-written round trip: quantise, expand dispatch,
+  the top-k weighting V2's combine never does (one Triton launch over the valid rows on CUDA), combine. This is the
+  baseline the router has to meet;
+* ``router``     - ``prepare`` -> identity executor -> ``finalize`` through deepep-switch;
+* ``... graph``  - (low-latency, CUDA) the same round trips captured once in a CUDA graph and replayed, which is how
+  decode runs in production.
 
-It also reports the buffer bytes each backend was sized to and the device memory the wrapper took, and the
-router's validation mode (``BenchSpec.validation``, else ``RTP_LLM_DEEPEP_VALIDATE``, which the spawned ranks
-inherit). Timings use CUDA events after a barrier; on CPU (reference providers) they are wall-clock and mean
-nothing for speed.
+No side pays for an executor: bf16 payloads are passed on, FP8 ones get a preallocated bf16 output of their shape
+(:class:`~deepep_switch.backends.baselines.Bf16Outputs`). Each row also carries the logical bytes of the round trip
+and the time they would take at NVLink's 450 GB/s per direction (``floor_us``; see :mod:`.bench_report`), the
+buffer bytes, the device memory the wrapper took, and the router's validation mode. An optional sweep times the
+elastic normal router per ``num_sms`` (and ``prefer_overlap_with_compute=False``). Timings use CUDA events after a
+barrier; on CPU (reference providers) they are wall-clock and mean nothing for DeepEP's speed.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,10 +33,13 @@ import torch.distributed as dist
 
 from .quant import Quant
 
+NVLINK_BYTES_PER_S = 450e9
+"""H100/H200 NVLink 4, per direction per GPU (18 links x 25 GB/s)."""
+
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """One benchmark run: layer shape, token counts per rank, repetitions."""
+    """One benchmark run: layer shape, token counts per rank, repetitions, variants and the SM sweep."""
 
     normal_tokens: tuple[int, ...] = (128, 4096)
     low_latency_tokens: tuple[int, ...] = (128,)
@@ -39,24 +50,66 @@ class BenchSpec:
     warmup: int = 5
     backends: tuple[str, ...] = ("legacy", "elastic")
     use_fp8: bool = False
-    profile_path: Optional[str] = None  # rank 0 appends torch.profiler tables (raw vs router) here
+    profile_path: Optional[str] = None  # rank 0 appends torch.profiler tables and kernel shares here
     validation: Optional[str] = None  # off/basic/full; None: RTP_LLM_DEEPEP_VALIDATE (default basic)
+    ll_layouts: tuple[str, ...] = ("token", "expand")  # elastic/ep low-latency rows, one per layout
+    graphs: bool = True  # low-latency rows on CUDA: also time CUDA-graph replays
+    table: bool = True  # the raw/router rows (False: the sweep only)
+    sweep_sms: tuple[int, ...] = ()  # elastic/ep normal router per num_sms (0: DeepEP's own choice)
+    sweep_tokens: tuple[int, ...] = (512, 4096, 8192)
+    sweep_overlap: bool = False  # the sweep also tries prefer_overlap_with_compute=False
+    sweep_iters: int = 10
 
 
-@dataclass
-class Row:
+@dataclass(frozen=True)
+class Job:
+    """One row: a wrapper built for ``tokens`` in one mode, with ``overrides`` (settings field -> value)."""
+
     backend: str
-    mode: str
+    low_latency: bool
     tokens: int
-    raw_us: Optional[float]
-    router_us: float
-    raw_graph_us: Optional[float] = None
-    graph_us: Optional[float] = None
-    buffer_bytes: dict[str, int] = field(default_factory=dict)
-    device_bytes: int = 0
-    layout_ops: Optional[str] = None
-    host_us: Optional[dict[str, float]] = None
-    validation: str = ""
+    variant: str = ""
+    overrides: tuple[tuple[str, Any], ...] = ()
+    sweep: bool = False
+
+    @property
+    def mode(self) -> str:
+        return "low_latency" if self.low_latency else "normal"
+
+    @property
+    def label(self) -> str:
+        return " ".join(p for p in (self.backend, self.mode, self.variant, f"tokens={self.tokens}") if p)
+
+
+def elastic_family(backend: str) -> bool:
+    """Whether ``backend`` runs the elastic paths (elastic, ep): it has low-latency layouts and an SM sweep."""
+    from .backends import get_spec
+    from .backends.elastic_ll import ElasticLowLatencyPath
+
+    try:
+        return issubclass(get_spec(backend).low_latency_path, ElasticLowLatencyPath)
+    except (KeyError, ValueError):  # auto: not known before the decision
+        return False
+
+
+def plan_jobs(spec: BenchSpec) -> list[Job]:
+    """Every row the ranks will time, in order (the CLI checks their configs and counts progress with it)."""
+    jobs: list[Job] = []
+    if spec.table:
+        for backend in spec.backends:
+            jobs += [Job(backend, False, tokens) for tokens in spec.normal_tokens]
+            for tokens in spec.low_latency_tokens:
+                if elastic_family(backend):
+                    jobs += [Job(backend, True, tokens, layout, (("elastic_ll_layout", layout),))
+                             for layout in spec.ll_layouts]
+                else:
+                    jobs.append(Job(backend, True, tokens))
+    for backend in (b for b in spec.backends if elastic_family(b)) if spec.sweep_sms else ():
+        for tokens in spec.sweep_tokens:
+            jobs += [Job(backend, False, tokens, f"sms={n}", (("num_sms", n),), sweep=True) for n in spec.sweep_sms]
+            if spec.sweep_overlap:
+                jobs.append(Job(backend, False, tokens, "overlap=0", (("elastic_prefer_overlap", False),), sweep=True))
+    return jobs
 
 
 class _Timer:
@@ -102,7 +155,8 @@ def bench_config(rank: int, world: int, spec: BenchSpec, tokens: int, low_latenc
                         low_latency=low_latency, quant=_quant(spec))
 
 
-def _inputs(rank: int, tokens: int, spec: BenchSpec, device: torch.device):
+def _inputs(rank: int, tokens: int, spec: Any, device: torch.device):
+    """bf16 ``x [T, H]``, int64 ``ids [T, K]`` (distinct random experts), float32 ``weights [T, K]`` of ``rank``."""
     gen = torch.Generator().manual_seed(1234 + rank)
     x = torch.randn((tokens, spec.hidden), generator=gen).to(torch.bfloat16).to(device)
     ids = torch.rand((tokens, spec.num_experts), generator=gen).argsort(dim=1)[:, :spec.topk].to(device)
@@ -110,10 +164,33 @@ def _inputs(rank: int, tokens: int, spec: BenchSpec, device: torch.device):
     return x, ids, weights
 
 
+@functools.lru_cache(maxsize=16)
+def _token_rows(world: int, tokens: int, hidden: int, experts: int, topk: int) -> int:
+    """Token rows the busiest rank sends or receives in one dispatch: one per (token, destination rank), the
+    local rank included, as DeepEP V2's tests count them. Every rank's routing is regenerated on the CPU."""
+    spec = BenchSpec(hidden=hidden, num_experts=experts, topk=topk)
+    per_rank = experts // world
+    sent, received = [], torch.zeros(world, dtype=torch.int64)
+    for source in range(world):
+        ids = _inputs(source, tokens, spec, torch.device("cpu"))[1]
+        to_rank = torch.zeros((tokens, world), dtype=torch.bool)
+        to_rank.scatter_(1, ids // per_rank, True)
+        sent.append(int(to_rank.sum()))
+        received += to_rank.sum(dim=0)
+    return max(max(sent), int(received.max()))
+
+
+def logical_bytes(world: int, tokens: int, spec: BenchSpec) -> int:
+    """Dispatch (rows x (H x element size + FP8 scales)) plus combine (rows x H x 2, bf16) for the busiest rank."""
+    rows = _token_rows(world, tokens, spec.hidden, spec.num_experts, spec.topk)
+    dispatch = spec.hidden + spec.hidden // 128 * 4 if spec.use_fp8 else spec.hidden * 2
+    return rows * (dispatch + spec.hidden * 2)
+
+
 def _raw_round_trip(wrapper: Any, low_latency: bool, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-                    spec: BenchSpec) -> Optional[Callable[[], Any]]:
-    """The running generation's raw-call baseline (None when its module declares none)."""
-    raw = wrapper.spec.raw_round_trip
+                    spec: BenchSpec, weighted: bool = False) -> Optional[Callable[[], Any]]:
+    """The running generation's raw-call baseline (``weighted``: its raw+w one), or None when it declares none."""
+    raw = wrapper.spec.raw_weighted_round_trip if weighted else wrapper.spec.raw_round_trip
     if raw is None:
         return None
     return raw(wrapper.native_buffer, low_latency, wrapper.ll_num_max_token_per_rank, spec.num_experts, x, ids, w,
@@ -121,13 +198,19 @@ def _raw_round_trip(wrapper: Any, low_latency: bool, x: torch.Tensor, ids: torch
 
 
 def _router_round_trip(router: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Callable[[], Any]:
+    """prepare -> identity executor (bf16: the payload itself; FP8: a preallocated bf16 output) -> finalize."""
     from routers import CombineForwardPayload
+
+    from .backends.baselines import Bf16Outputs
+
+    outputs = Bf16Outputs()
+    original = {"original_num_tokens": x.shape[0]}
 
     def round_trip() -> Any:
         payload = router.prepare(x, None, None, w, ids)
-        y = payload.expert_x if payload.expert_x_scale is None else payload.expert_x.to(torch.bfloat16)
+        y = payload.expert_x if payload.expert_x_scale is None else outputs(payload.expert_x)
         return router.finalize(CombineForwardPayload(y), payload.expert_topk_weights, payload.expert_topk_ids,
-                               False, {"original_num_tokens": x.shape[0]})
+                               False, original)
     return round_trip
 
 
@@ -146,139 +229,75 @@ def _graph_round_trip(round_trip: Callable[[], Any], group: dist.ProcessGroup) -
     return graph.replay
 
 
-def _profile(label: str, fn: Callable[[], Any], iters: int, rank: int, path: Optional[str],
-             group: dist.ProcessGroup) -> None:
-    """Rank 0 appends a torch.profiler table of ``iters`` calls of ``fn``; every rank runs them (collectives)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    dist.barrier(group=group)
-    if rank != 0 or path is None:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-        return
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    with open(path, "a") as f:
-        f.write(f"\n===== {label}: {iters} calls =====\n")
-        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool, progress: Any = None) -> list[dict[str, Any]]:
+    """One rank of the benchmark (called through :func:`deepep_switch.launch.spawn`). ``progress``: a queue;
+    rank 0 puts ``(done, total, what)`` after each row."""
+    jobs = plan_jobs(spec)
+    rows = []
+    for done, job in enumerate(jobs, 1):
+        rows.append(_run_job(rank, world, spec, cuda, job))
+        if progress is not None and rank == 0:
+            progress.put((done, len(jobs), job.label))
+    return rows
 
 
-_LIBRARY_CALLS = ("get_dispatch_layout", "dispatch", "combine", "low_latency_dispatch", "low_latency_combine")
-
-
-def _host_breakdown(router: Any, trip: Callable[[], Any], iters: int) -> dict[str, float]:
-    """Mean host (CPU) microseconds per round trip: the whole trip, the bound path's dispatch/combine, and the
-    DeepEP calls inside them. What is left is deepep-switch's own work on the host."""
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-        return inner
-
-    path, buffer = router.path, router.path.buffer
-    patched = [(path, "dispatch", "path.dispatch"), (path, "combine", "path.combine")]
-    patched += [(buffer, name, f"deep_ep.{name}") for name in _LIBRARY_CALLS if hasattr(buffer, name)]
-    for obj, attr, name in patched:
-        setattr(obj, attr, timed(name, getattr(obj, attr)))
-    try:
-        start = time.perf_counter()
-        for _ in range(iters):
-            trip()
-        timings["trip"] = time.perf_counter() - start
-    finally:
-        for obj, attr, _ in patched:
-            delattr(obj, attr)
-    return {k: round(v / iters * 1e6, 1) for k, v in timings.items()}
-
-
-def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool) -> list[dict[str, Any]]:
-    """One rank of the benchmark (called through :func:`deepep_switch.launch.spawn`)."""
+def _run_job(rank: int, world: int, spec: BenchSpec, cuda: bool, job: Job) -> dict[str, Any]:
     from routers import LowLatencyRouter, NormalRouter, RouterOptions
 
+    from .bench_profile import host_breakdown, profile_trips
     from .settings import load_settings
     from .wrapper import DeepEPWrapper
 
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     timer = _Timer(cuda)
-    rows: list[dict[str, Any]] = []
-    for backend in spec.backends:
-        settings = load_settings(backend_raw=backend,
-                                 **({"validation": spec.validation} if spec.validation else {}))
-        for low_latency, token_list in ((False, spec.normal_tokens), (True, spec.low_latency_tokens)):
-            for tokens in token_list:
-                free_before = torch.cuda.mem_get_info()[0] if cuda else 0
-                wrapper = DeepEPWrapper.create(bench_config(rank, world, spec, tokens, low_latency), settings=settings)
-                try:
-                    used = free_before - torch.cuda.mem_get_info()[0] if cuda else 0
-                    x, ids, w = _inputs(rank, tokens, spec, device)
-                    router = (LowLatencyRouter if low_latency else NormalRouter)(
-                        wrapper, RouterOptions(quant=_quant(spec)))
-                    raw_trip = _raw_round_trip(wrapper, low_latency, x, ids, w, spec)
-                    raw = (timer.median_us(raw_trip, spec.iters, spec.warmup, wrapper.group)
-                           if raw_trip is not None else None)
-                    trip = _router_round_trip(router, x, ids, w)
-                    routed = timer.median_us(trip, spec.iters, spec.warmup, wrapper.group)
-                    raw_graph = graph = None
-                    if low_latency and cuda:
-                        raw_graph = (timer.median_us(_graph_round_trip(raw_trip, wrapper.group), spec.iters,
-                                                     spec.warmup, wrapper.group) if raw_trip is not None else None)
-                        graph = timer.median_us(_graph_round_trip(trip, wrapper.group), spec.iters, spec.warmup,
-                                                wrapper.group)
-                    host = None
-                    if spec.profile_path and cuda and tokens <= 128:
-                        label = f"{wrapper.backend.value} {'low_latency' if low_latency else 'normal'} {tokens}"
-                        if raw_trip is not None:
-                            _profile(f"{label} raw", raw_trip, 10, rank, spec.profile_path, wrapper.group)
-                        _profile(f"{label} router", trip, 10, rank, spec.profile_path, wrapper.group)
-                        dist.barrier(group=wrapper.group)
-                        host = _host_breakdown(router, trip, 20)
-                    row = Row(wrapper.backend.value, "low_latency" if low_latency else "normal", tokens, raw, routed,
-                              raw_graph, graph, wrapper.buffer_bytes, int(used),
-                              getattr(router, "layout_ops", None) if low_latency else None, host,
-                              router.validation.value)
-                    rows.append(asdict(row))
-                finally:
-                    DeepEPWrapper.reset()
-    return rows
+    overrides = dict(job.overrides, **({"validation": spec.validation} if spec.validation else {}))
+    settings = load_settings(backend_raw=job.backend, **overrides)
+    free_before = torch.cuda.mem_get_info()[0] if cuda else 0
+    wrapper = DeepEPWrapper.create(bench_config(rank, world, spec, job.tokens, job.low_latency), settings=settings)
+    try:
+        used = free_before - torch.cuda.mem_get_info()[0] if cuda else 0
+        x, ids, w = _inputs(rank, job.tokens, spec, device)
+        router = (LowLatencyRouter if job.low_latency else NormalRouter)(wrapper, RouterOptions(quant=_quant(spec)))
+        iters, warmup = (spec.sweep_iters, 2) if job.sweep else (spec.iters, spec.warmup)
+        trips: dict[str, Optional[Callable[[], Any]]] = {"router": _router_round_trip(router, x, ids, w)}
+        if not job.sweep:
+            trips["raw"] = _raw_round_trip(wrapper, job.low_latency, x, ids, w, spec)
+            trips["raw_weighted"] = _raw_round_trip(wrapper, job.low_latency, x, ids, w, spec, weighted=True)
+        row: dict[str, Any] = {
+            "backend": wrapper.backend.value, "mode": job.mode, "variant": job.variant, "tokens": job.tokens,
+            "sweep": job.sweep, "validation": router.validation.value, "buffer_bytes": wrapper.buffer_bytes,
+            "device_bytes": int(used), "layout_ops": getattr(router, "layout_ops", None) if job.low_latency else None,
+            "weighting": getattr(trips.get("raw_weighted"), "name", None),
+            "bytes": logical_bytes(world, job.tokens, spec)}
+        row["floor_us"] = row["bytes"] / NVLINK_BYTES_PER_S * 1e6
+        for name, trip in trips.items():
+            row[f"{name}_us"] = timer.median_us(trip, iters, warmup, wrapper.group) if trip is not None else None
+        graphs: dict[str, Callable[[], Any]] = {}
+        if job.low_latency and cuda and spec.graphs:
+            for name, trip in trips.items():
+                if trip is not None:
+                    graphs[name] = _graph_round_trip(trip, wrapper.group)
+                    row[f"{name}_graph_us"] = timer.median_us(graphs[name], iters, warmup, wrapper.group)
+        if job.sweep:
+            row["sms_used"] = _sms_used(wrapper, job, spec)
+        if spec.profile_path and job.tokens <= 128 and not job.sweep:
+            label = f"{row['backend']} {job.mode} {job.variant} {job.tokens}".replace("  ", " ")
+            row["kernels"] = profile_trips(label, trips, graphs, rank, spec.profile_path, wrapper.group, cuda)
+            dist.barrier(group=wrapper.group)
+            row["host_us"] = host_breakdown(router, trips["router"], trips.get("raw"), 20)
+        del graphs
+        return row
+    finally:
+        DeepEPWrapper.reset()
 
 
-def summarise(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Merge ranks: the slowest rank's median is the layer's latency."""
-    merged = []
-    for i, row in enumerate(per_rank[0]):
-        out = dict(row)
-        for key in ("raw_us", "router_us", "raw_graph_us", "graph_us"):
-            values = [r[i][key] for r in per_rank if r[i][key] is not None]
-            out[key] = max(values) if values else None
-        merged.append(out)
-    return merged
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Median microseconds per round trip (slowest rank); overhead = router / raw - 1."""
-    def cell(value: Optional[float]) -> str:
-        return f"{value:10.1f}" if value is not None else f"{'-':>10}"
-
-    def pct(a: Optional[float], b: Optional[float]) -> str:
-        return f"{(a / b - 1.0) * 100:8.1f}%" if a is not None and b else f"{'-':>9}"
-
-    head = (f"{'backend':8} {'mode':12} {'validate':8} {'tokens':>6} {'raw':>10} {'router':>10} {'overhead':>9} "
-            f"{'raw graph':>10} {'graph':>10} {'overhead':>9}  buffer bytes")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['backend']:8} {r['mode']:12} {r.get('validation', ''):8} {r['tokens']:6d} "
-                     f"{cell(r['raw_us'])} {cell(r['router_us'])} "
-                     f"{pct(r['router_us'], r['raw_us'])} {cell(r['raw_graph_us'])} {cell(r['graph_us'])} "
-                     f"{pct(r['graph_us'], r['raw_graph_us'])}  {r['buffer_bytes']}")
-    for r in rows:
-        if r.get("host_us"):
-            lines.append(f"host us per round trip, {r['backend']} {r['mode']} {r['tokens']}: {r['host_us']}")
-    return "\n".join(lines)
+def _sms_used(wrapper: Any, job: Job, spec: BenchSpec) -> Optional[int]:
+    """The SM count the elastic kernels ran with: the setting, or DeepEP's model for 0 (None if unknown)."""
+    requested = dict(job.overrides).get("num_sms", 0)
+    if requested:
+        return int(requested)
+    theoretical = getattr(wrapper.native_buffer, "get_theoretical_num_sms", None)
+    try:
+        return int(theoretical(spec.num_experts, spec.topk)) if theoretical else None
+    except Exception:  # the model reads nvidia-smi; never fail a benchmark over a label
+        return None

@@ -42,7 +42,7 @@ logger = logging.getLogger("deepep_switch.decision")
 # whether a rank raises or drops ids before a collective call.
 AGREED_KNOBS = (
     "num_sms", "max_tokens_per_rank", "elastic_allow_hybrid", "elastic_deterministic",
-    "elastic_prefer_overlap", "elastic_allow_multiple_reduction", "validation",
+    "elastic_prefer_overlap", "elastic_allow_multiple_reduction", "validation", "elastic_ll_layout",
 )
 _PROVIDERS = list(ProviderChoice)
 SWITCH_SOURCE = "DeepEPWrapper.switch()"
@@ -84,7 +84,7 @@ class Vote:
         unknown_backend: 1 when this rank's RTP_LLM_DEEPEP_BACKEND was not recognised (it then asks for legacy).
         knob_problems: how many malformed RTP_LLM_DEEPEP_* knobs this rank has.
         registry: the registry's digest (ranks must register the same generations in the same order).
-        num_sms ... validation: the AGREED_KNOBS (enums as their member index, see :func:`knob_to_int`).
+        num_sms ... elastic_ll_layout: the AGREED_KNOBS (enums as their member index, see :func:`knob_to_int`).
         fail_masks: per registered generation (registry order, ``MAX_BACKENDS`` slots), the failed preflight
             checks gating it, bit ``check_names().index(name)``.
         blueprint: what this rank is about to build (:class:`~deepep_switch.blueprint.Blueprint` values; all
@@ -104,6 +104,7 @@ class Vote:
     elastic_prefer_overlap: int
     elastic_allow_multiple_reduction: int
     validation: int
+    elastic_ll_layout: int
     fail_masks: tuple[int, ...] = (0,) * registry.MAX_BACKENDS
     blueprint: tuple[int, ...] = field(default_factory=lambda: Blueprint.absent().values)
 

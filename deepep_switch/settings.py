@@ -92,6 +92,24 @@ class Validation(str, Enum):
     FULL = "full"
 
 
+class ElasticLowLatencyLayout(str, Enum):
+    """How the elastic (and ep) low-latency path builds the legacy ``[E_local, R*N, H]`` payload
+    (``RTP_LLM_DEEPEP_ELASTIC_LL_LAYOUT``).
+
+    * ``token`` (default): ``dispatch(do_expand=False)`` moves one row per (token, rank); deepep-switch expands it
+      into the 3-D layout and, at finalize, folds each token's expert outputs back into one weighted row, so the
+      combine moves and reduces one row per (token, rank) and the top-k weighting costs no pass of its own.
+    * ``expand``: ``dispatch(do_expand=True)`` expands in DeepEP's epilogue; deepep-switch packs those rows into the
+      3-D layout and unpacks them with the weighting, and the combine reduces every expert copy.
+
+    Both are graph-capturable with no host sync and give the same result up to bf16 rounding (token: one fp32 sum
+    per rank; expand: each weighted copy rounded to bf16 first).
+    """
+
+    TOKEN = "token"
+    EXPAND = "expand"
+
+
 def parse_backend(raw: Optional[str]) -> tuple[BackendChoice, Optional[str]]:
     """Normalise a raw ``RTP_LLM_DEEPEP_BACKEND`` value.
 
@@ -165,6 +183,11 @@ class SwitchSettings(BaseSettings):
     elastic_allow_multiple_reduction: bool = Field(
         default=True, description="ElasticBuffer/EPBuffer allow_multiple_reduction.",
     )
+    elastic_ll_layout: ElasticLowLatencyLayout = Field(
+        default=ElasticLowLatencyLayout.TOKEN,
+        description="Elastic/ep low-latency path: token (default: non-expand dispatch, expanded and folded with the "
+                    "top-k weighting by deepep-switch) or expand (DeepEP's expanded dispatch).",
+    )
     nccl_build_version: str = Field(
         default="", pattern=r"^$|^\d+\.\d+\.\d+$",
         description="NCCL version your DeepEP was compiled against (e.g. 2.30.7); empty = known PyPI builds only.",
@@ -233,7 +256,7 @@ class SwitchSettings(BaseSettings):
             raise ValueError("must be even (DeepEP splits SMs into send/receive pairs)")
         return value
 
-    @field_validator("provider", "validation", mode="before")
+    @field_validator("provider", "validation", "elastic_ll_layout", mode="before")
     @classmethod
     def _normalise_choice(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

@@ -192,7 +192,7 @@ class RouterBase(ABC, Generic[PathT]):
             num_local_experts=self.num_local_experts, num_ranks=self.ep_size, num_topk=self.num_topk,
             hidden=self.hidden_size, capacity=self.capacity, expert_alignment=options.expert_alignment,
             quant=options.quant, quantize=self._quantize, num_sms=slot.decision.settings.num_sms,
-            device=self.device, group=slot.group, deadline=slot.deadline)
+            device=self.device, group=slot.group, deadline=slot.deadline, settings=slot.decision.settings)
         path = self._path_class(slot.spec).build(ctx)
         logger.debug("%s bound to %s path %s", type(self).__name__, slot.backend.value, type(path).__name__)
         return path
@@ -259,7 +259,8 @@ class RouterBase(ABC, Generic[PathT]):
         ``full``'s value checks (one host sync), then ``basic``'s device-side id clean-up; every error is raised
         before any communication. The payload's ids (``expert_topk_ids``) are the ids actually dispatched.
         """
-        ignore_fork_kwargs(fork_kwargs)
+        if fork_kwargs:
+            ignore_fork_kwargs(fork_kwargs)
         if a1_scale is not None or a2_scale is not None:
             raise ValueError("a1_scale and a2_scale must be None: the router quantises a1 itself")
         if self._handle is not None:
@@ -271,7 +272,8 @@ class RouterBase(ABC, Generic[PathT]):
                              "(raise the wrapper config's max tokens per rank or RTP_LLM_DEEPEP_MAX_TOKENS_PER_RANK)")
         self._check_values(a1, topk_weights, topk_ids)
         x, weights = self._tp.slice(a1), self._tp.slice(topk_weights)
-        ids = self._clean_ids(self._tp.slice(topk_ids).to(torch.int64))
+        ids = self._tp.slice(topk_ids)
+        ids = self._clean_ids(ids if ids.dtype is torch.int64 else ids.to(torch.int64))
         if self._metrics is None:  # the only telemetry cost when RTP_LLM_DEEPEP_METRICS is off
             payload, handle = self._prepare(x, ids, weights)
         else:
@@ -290,7 +292,8 @@ class RouterBase(ABC, Generic[PathT]):
         dispatch used, so ``topk_ids`` is accepted for rtp-llm's signature only. ``apply_router_weight_on_input``
         is ignored, as in rtp-llm's DeepEP routers.
         """
-        ignore_fork_kwargs(fork_kwargs)
+        if fork_kwargs:
+            ignore_fork_kwargs(fork_kwargs)
         if skip_allreduce:
             raise ValueError("skip_allreduce is not supported by the DeepEP routers")
         state = self._handle

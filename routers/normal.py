@@ -23,10 +23,37 @@ from .base import RouterBase
 from .payloads import ExpertForwardPayload, ExpertTokensMetadata
 
 
-def _counts_on_device_pinned(counts: list[int], device: torch.device) -> torch.Tensor:
-    # Pinned memory + non_blocking: the host does not wait for the dispatch kernels to drain before it can queue
-    # the executor and combine (a plain torch.tensor(..., device=cuda) would synchronise here).
-    return torch.tensor(counts, dtype=torch.int32, pin_memory=True).to(device, non_blocking=True)
+class PinnedCountsUploader:
+    """Aligned per-expert counts (a host list) to an int32 device tensor, without a host sync and without a pinned
+    allocation per call: ``SLOTS`` rows of pinned staging memory are reused in turn. The copy out of a row is
+    queued ``non_blocking``; before the row is written again (``SLOTS`` dispatches later) the host waits for the
+    event recorded after that copy, which finished long before.
+
+    Args:
+        size: the counts' length (``E_local``). device: the CUDA device the counts go to.
+    """
+
+    SLOTS = 4
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.device = device
+        self._staging = torch.empty((self.SLOTS, max(size, 1)), dtype=torch.int32, pin_memory=True)
+        self._rows = [self._staging[i].numpy() for i in range(self.SLOTS)]
+        self._events = [torch.cuda.Event() for _ in range(self.SLOTS)]
+        self._recorded = [False] * self.SLOTS
+        self._next = 0
+
+    def __call__(self, counts: list[int], device: torch.device) -> torch.Tensor:
+        slot = self._next
+        self._next = (slot + 1) % self.SLOTS
+        if self._recorded[slot]:
+            self._events[slot].synchronize()  # the copy queued SLOTS dispatches ago: long done
+        n = len(counts)
+        self._rows[slot][:n] = counts
+        out = self._staging[slot, :n].to(device, non_blocking=True)
+        self._events[slot].record()
+        self._recorded[slot] = True
+        return out
 
 
 def _counts_on_device_plain(counts: list[int], device: torch.device) -> torch.Tensor:
@@ -45,7 +72,8 @@ class NormalRouter(RouterBase[NormalPath]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._counts_on_device = _counts_on_device_pinned if torch.cuda.is_available() else _counts_on_device_plain
+        self._counts_on_device = (PinnedCountsUploader(self.num_local_experts, self.device)
+                                  if self.device.type == "cuda" else _counts_on_device_plain)
 
     @staticmethod
     def _path_class(spec: BackendSpec) -> type[NormalPath]:

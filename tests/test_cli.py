@@ -118,6 +118,13 @@ USAGE_ERRORS = [
     (("bench", "--provider", "reference", "--warmup", "-1"), "argument --warmup: must be >= 0, got -1"),
     (("bench", "--provider", "reference", "--backends", "legacy,nope"), "each backend must be one of"),
     (("bench", "--provider", "reference", "--json", "{tmp}/missing/out.json"), "does not exist"),
+    (("bench", "--provider", "reference", "--sweep-sms", "0,3"), "argument --sweep-sms: num_sms must be even"),
+    (("bench", "--provider", "reference", "--ll-layouts", "token,sideways"), "each layout must be one of token"),
+    (("bench", "--provider", "reference", "--sweep-only"), "--sweep-only needs --sweep-sms"),
+    (("bench", "--provider", "reference", "--backends", "legacy", "--sweep-sms", "0", "--sweep-only"),
+     "nothing to time"),
+    (("bench", "--provider", "reference", "--out", "{tmp}/missing/dir"), "does not exist"),
+    (("bench", "--provider", "reference", "--ranks", "3"), "expert_num=16 must be a positive multiple of ep_size=3"),
 ]
 
 
@@ -245,3 +252,28 @@ def test_bench_smoke_on_reference_providers(tmp_path):
     assert {(r["backend"], r["mode"]) for r in rows} == {
         ("legacy", "normal"), ("legacy", "low_latency"), ("elastic", "normal"), ("elastic", "low_latency")}
     assert "say nothing about DeepEP's speed" in proc.stdout
+    assert {r["variant"] for r in rows if (r["backend"], r["mode"]) == ("elastic", "low_latency")} == {"token", "expand"}
+    elastic_ll = [r for r in rows if (r["backend"], r["mode"]) == ("elastic", "low_latency")]
+    assert all(r["raw_weighted_us"] and r["baseline"] == "raw_weighted" for r in elastic_ll)
+    assert all(r["bytes"] > 0 and r["floor_us"] > 0 and "router" in r["nvlink_pct"] for r in rows)
+
+
+@pytest.mark.timeout(120)
+def test_bench_default_is_a_quick_cpu_reference_run_without_gpus(tmp_path):
+    import time
+
+    if deep_ep_importable() and torch.cuda.device_count() >= 2:
+        pytest.skip("a GPU node: the default is real DeepEP")
+    started = time.monotonic()
+    proc = run_cli("bench", "--sweep-sms", "0,8", "--out", str(tmp_path / "out"))
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert elapsed < 60, elapsed
+    assert "provider=reference" in proc.stdout and "reference numbers" in proc.stdout
+    assert "bench [" in proc.stderr and "SM sweep" in proc.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["meta"]["reference_numbers"] is True
+    assert {r["variant"] for r in results["rows"] if r["sweep"]} == {"sms=0", "sms=8"}
+    if importlib.util.find_spec("matplotlib"):
+        assert {p.name for p in (tmp_path / "out").glob("*.png")} == {
+            "latency_normal.png", "latency_low_latency.png", "sms_sweep.png"}

@@ -126,9 +126,12 @@ def _router_worker(rank: int, world: int, cases: list[Case]) -> dict[str, Any]:
     for low_latency in (False, True):
         mode = "low_latency" if low_latency else "normal"
         outputs: dict[tuple[str, str], torch.Tensor] = {}
-        for backend in ("legacy", "elastic"):
-            wrapper = DeepEPWrapper.create(_config(rank, world, low_latency),
-                                           settings=_settings(RTP_LLM_DEEPEP_BACKEND=backend))
+        variants = {"legacy": {}, "elastic": {}}
+        if low_latency:  # elastic's default low-latency layout is token; expand is the other
+            variants["elastic-expand"] = {"RTP_LLM_DEEPEP_ELASTIC_LL_LAYOUT": "expand"}
+        for backend, extra in variants.items():
+            wrapper = DeepEPWrapper.create(_config(rank, world, low_latency), settings=_settings(
+                RTP_LLM_DEEPEP_BACKEND=backend.split("-")[0], **extra))
             try:
                 cls = LowLatencyRouter if low_latency else NormalRouter
                 for case in cases:
@@ -154,7 +157,10 @@ def _router_worker(rank: int, world: int, cases: list[Case]) -> dict[str, Any]:
             finally:
                 DeepEPWrapper.reset()
         for case in cases:
-            out["cross"][f"{mode}/{case.name}"] = _rel(outputs[(case.name, "elastic")], outputs[(case.name, "legacy")])
+            for backend in variants:
+                if backend != "legacy":
+                    out["cross"][f"{mode}/{backend}/{case.name}"] = _rel(outputs[(case.name, backend)],
+                                                                         outputs[(case.name, "legacy")])
 
     # The row-order contract: V2 order is unspecified; deterministic=True reproduces legacy order exactly.
     wrapper = DeepEPWrapper.create(_config(rank, world, False), settings=_settings(
@@ -204,16 +210,24 @@ def test_fp8_dispatch_on_both_backends(results):
     world, per_rank = results
     for r in per_rank:
         fp8 = {k: v for k, v in r["errors"].items() if k.endswith("/fp8")}
-        assert len(fp8) == 4 and all(v <= TOL for v in fp8.values()), fp8
+        assert len(fp8) == 5 and all(v <= TOL for v in fp8.values()), fp8  # 2 normal + 3 low-latency variants
 
 
 def test_low_latency_router_replays_in_a_cuda_graph(results):
     world, per_rank = results
     for rank, r in enumerate(per_rank):
-        for backend in ("legacy", "elastic"):
+        for backend in ("legacy", "elastic", "elastic-expand"):
             for rel, _exact in r[f"graph/{backend}"]["replays"]:
                 assert rel <= TOL, (world, rank, backend, r[f"graph/{backend}"])
-        assert r["layout_ops/elastic"] == "triton"
+        assert r["layout_ops/elastic"] == "triton" and r["layout_ops/elastic-expand"] == "triton"
+
+
+def test_elastic_low_latency_replays_bit_for_bit(results):
+    """Eager and graph replay run the same kernels with fp32 sums in a fixed order: bitwise equal outputs."""
+    world, per_rank = results
+    for rank, r in enumerate(per_rank):
+        for backend in ("elastic", "elastic-expand"):
+            assert all(exact for _rel, exact in r[f"graph/{backend}"]["replays"]), (world, rank, backend)
 
 
 def test_row_order_contract(results):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 
-from deepep_switch.kernels.layout import TORCH_OPS, layout_ops_for, pack_rows_torch, unpack_rows_torch
+from _helpers import run_in_triton_interpreter
+from deepep_switch.kernels.layout import (TORCH_OPS, layout_ops_for, pack_rows_torch, row_weighter_for,
+                                          unpack_rows_torch, weight_rows_torch)
 
 
 def random_layout(seed: int, experts: int, capacity: int, alignment: int = 1, slack: int = 5):
@@ -60,6 +64,47 @@ def test_cpu_tensors_use_the_torch_ops():
     assert layout_ops_for(torch.device("cpu")) is TORCH_OPS
 
 
+def test_weighting_of_expanded_rows():
+    rows = torch.randn(7, 256).to(torch.bfloat16)
+    w = torch.rand(7)
+    want = (rows.float() * w[:, None]).to(torch.bfloat16)
+    assert torch.equal(weight_rows_torch(rows.clone(), w, torch.tensor([7], dtype=torch.int32)), want)
+    assert row_weighter_for(torch.device("cpu"))[0] == "torch (all rows)"
+
+
+_INTERPRETED = textwrap.dedent("""
+    import torch
+    from deepep_switch.kernels.layout import pack_rows_torch, unpack_rows_torch
+    from deepep_switch.kernels.triton_layout import pack_rows_triton, unpack_rows_triton, weight_rows_triton
+    from test_layout_kernels import random_layout
+    end, counts, num_rows = random_layout(11, 6, 20, 1)
+    start = end - counts
+    rows = torch.randn(num_rows, 256).to(torch.bfloat16)
+    got, want = pack_rows_triton(rows, end, counts, 20), pack_rows_torch(rows, end, counts, 20)
+    y = torch.randn(6, 20, 256).to(torch.bfloat16)
+    w = torch.rand(num_rows)
+    un_got, un_want = unpack_rows_triton(y, w, end, counts, num_rows), unpack_rows_torch(y, w, end, counts, num_rows)
+    # The interpreter's fp32 -> bf16 cast is not round-to-nearest-even (the GPU's is, and there the kernels are
+    # bitwise equal to torch: GPU test below): one bf16 step apart at most.
+    def close(a, b):
+        return torch.allclose(a.float(), b.float(), rtol=1 / 64, atol=1e-6)
+
+    for e in range(6):
+        s, n = int(start[e]), int(counts[e])
+        assert torch.equal(got[e, :n], want[e, :n]) and close(un_got[s:s + n], un_want[s:s + n]), e
+    total = int(end[-1])
+    weighted = weight_rows_triton(rows.clone(), w, end[-1:].clone())
+    assert close(weighted[:total], (rows[:total].float() * w[:total, None]).to(torch.bfloat16))
+    assert torch.equal(weighted[total:].view(torch.int16), rows[total:].view(torch.int16))  # past the count: untouched
+    print("interpreted ok")
+""")
+
+
+def test_triton_layout_kernels_match_torch_in_the_interpreter(tmp_path):
+    """pack/unpack and the bench's row weighting under ``TRITON_INTERPRET=1`` (skipped without Triton)."""
+    run_in_triton_interpreter(_INTERPRETED, tmp_path)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_triton_kernels_match_torch_on_gpu(dtype):
@@ -109,3 +154,16 @@ def test_triton_fp8_quantiser_matches_the_reference(round_scale):
     assert bool(((a - b).abs() <= 0.125 * torch.maximum(a.abs(), b.abs()) + 1e-12).all())
     empty_q, empty_s = quantize_fp8_triton(x[:0], round_scale)
     assert empty_q.shape == (0, 7168) and empty_s.shape == (0, 56)
+
+
+@pytest.mark.gpu
+def test_triton_row_weighting_matches_torch_on_gpu():
+    from deepep_switch.kernels.triton_layout import weight_rows_triton
+
+    rows = torch.randn(300, 7168, device="cuda").to(torch.bfloat16)
+    w = torch.rand(300, device="cuda")
+    total = torch.tensor([211], dtype=torch.int32, device="cuda")
+    got = weight_rows_triton(rows.clone(), w, total)
+    assert torch.equal(got[:211], (rows[:211].float() * w[:211, None]).to(torch.bfloat16))
+    assert torch.equal(got[211:], rows[211:])  # past the valid rows: untouched
+    assert row_weighter_for(torch.device("cuda", 0))[0] == "triton (valid rows)"

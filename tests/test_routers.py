@@ -22,6 +22,8 @@ from routers import CombineForwardPayload, LowLatencyRouter, NormalRouter, Route
 
 TOL = 1e-2  # bf16 end to end
 BACKENDS = ("legacy", "elastic", "ep")
+# Low-latency only: the elastic path's other layout (the default, token, runs as "elastic" and "ep").
+LL_VARIANTS = {"elastic-expand": ("elastic", {"RTP_LLM_DEEPEP_ELASTIC_LL_LAYOUT": "expand"})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +76,10 @@ def _layer_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
                                 tp_group=groups[case.tp][group_index] if case.tp > 1 else None)
         row: dict = {"case": case, "tokens": x.shape[0]}
         for low_latency in (False, True):
-            for backend in BACKENDS:
+            for name in BACKENDS + (tuple(LL_VARIANTS) if low_latency else ()):
+                backend, extra = LL_VARIANTS.get(name, (name, {}))
                 wrapper = DeepEPWrapper.create(_wrapper_config(rank, world, case, low_latency),
-                                               settings=_settings(backend))
+                                               settings=_settings(backend, **extra))
                 try:
                     router = (LowLatencyRouter if low_latency else NormalRouter)(
                         wrapper, dataclasses.replace(options, expert_alignment=1) if low_latency else options)
@@ -85,7 +88,7 @@ def _layer_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
                 finally:
                     DeepEPWrapper.reset()
                 assert out.shape == x.shape and out.dtype == torch.bfloat16
-                key = ("ll" if low_latency else "normal", backend)
+                key = ("ll" if low_latency else "normal", name)
                 row[key] = (relative_error(out, reference) if x.shape[0] else 0.0, out)
         results.append(row)
     return results
@@ -108,7 +111,7 @@ def _check(results: list[list[dict]]) -> None:
         for row in rows:
             for mode in ("normal", "ll"):
                 err_l, out_l = row[(mode, "legacy")]
-                for backend in BACKENDS[1:]:
+                for backend in BACKENDS[1:] + (tuple(LL_VARIANTS) if mode == "ll" else ()):
                     err, out = row[(mode, backend)]
                     label = f"rank {rank} {mode} {backend} {row['case']}"
                     assert err_l <= TOL and err <= TOL, (label, err_l, err)
@@ -150,7 +153,8 @@ def _payload_worker(rank: int, world: int) -> dict:
     out: dict = {}
     deterministic = {"RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC": "1"}  # the knob applies to ep too
     for name, backend, extra in (("legacy", "legacy", {}), ("elastic", "elastic", {}), ("ep", "ep", {}),
-                                 ("elastic_det", "elastic", deterministic), ("ep_det", "ep", deterministic)):
+                                 ("elastic_det", "elastic", deterministic), ("ep_det", "ep", deterministic),
+                                 ("elastic_expand", "elastic", {"RTP_LLM_DEEPEP_ELASTIC_LL_LAYOUT": "expand"})):
         for low_latency in (False, True):
             wrapper = DeepEPWrapper.create(_wrapper_config(rank, world, case, low_latency),
                                            settings=_settings(backend, **extra))
@@ -191,7 +195,7 @@ def test_same_payload_on_every_backend_row_order_aside():
             assert torch.equal(det[key], legacy[key]) and torch.equal(ep_det[key], legacy[key]), key
 
         ll_legacy = out[("legacy", True)]
-        for name in ("elastic", "ep"):
+        for name in ("elastic", "ep", "elastic_expand"):
             ll_other = out[(name, True)]
             assert torch.equal(ll_legacy["counts"], ll_other["counts"]) and ll_other["counts"].dtype == torch.int32
             assert ll_legacy["x"].shape == ll_other["x"].shape and ll_legacy["expected_m"] == ll_other["expected_m"]
@@ -278,3 +282,16 @@ def test_router_errors_come_before_communication():
             assert "injected" in r[f"{backend}.combine_error"]
             assert r[f"{backend}.handle_cleared_after_error"] is True
             assert r[f"{backend}.handle_cleared"] is True
+
+
+@pytest.mark.gpu
+def test_pinned_counts_uploader_reuses_its_staging_rows():
+    from routers.normal import PinnedCountsUploader
+
+    device = torch.device("cuda", 0)
+    upload = PinnedCountsUploader(4, device)
+    outs = [upload([i, i + 1, i + 2, i + 3], device) for i in range(2 * PinnedCountsUploader.SLOTS + 1)]
+    torch.cuda.synchronize()
+    for i, out in enumerate(outs):
+        assert out.dtype == torch.int32 and out.device == device
+        assert out.tolist() == [i, i + 1, i + 2, i + 3]

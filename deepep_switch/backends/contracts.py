@@ -17,6 +17,7 @@ import torch
 
 from ..deadline import Deadline
 from ..quant import Quant
+from ..settings import SwitchSettings
 
 XType = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 """A dispatch payload: bf16 ``[T, H]``, or FP8 ``(x_fp8 [T, H], scales float32 [T, H/128])``."""
@@ -60,6 +61,7 @@ class PathContext:
         group: the EP process group (for the rare collective a compatibility view needs).
         deadline: this rank's deadline on waits for peers; a path builds a watchdog guard from it
             (``deadline.guard("dispatch")``) for each host-blocking library call, and only for those.
+        settings: the agreed settings, for a generation's own knobs (e.g. ``elastic_ll_layout``); None: defaults.
     """
 
     buffer: Any
@@ -77,6 +79,7 @@ class PathContext:
     device: torch.device
     group: Any
     deadline: Deadline
+    settings: Optional[SwitchSettings] = None
 
 
 class NormalDispatch(NamedTuple):

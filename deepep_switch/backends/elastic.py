@@ -8,9 +8,11 @@
   reference provider also gets ``timeout_s``. The normal path's ``dispatch`` is guarded by the watchdog;
 * normal path: ``dispatch(do_cpu_sync=True)`` + ``combine``, received weights zeroed where the id is -1 (V2
   keeps the sender's weight there);
-* low-latency path: quantise (DeepEP's FP8 recipe; V2 never quantises) -> ``dispatch(do_expand=True,
-  do_cpu_sync=False)`` -> pack into ``[E_local, R*N, H]``; finalize: unpack multiplying each row by the weight
-  that travelled with it -> ``combine`` (which sums but never weights). No host sync: graph-capturable;
+* low-latency path (:mod:`.elastic_ll`): quantise (DeepEP's FP8 recipe; V2 never quantises) -> ``dispatch(
+  do_cpu_sync=False)``, non-expand (default ``token`` layout: deepep-switch expands the rows into ``[E_local, R*N,
+  H]`` and folds the outputs back with the top-k weighting) or expand (DeepEP's expanded rows packed into that
+  layout, unpacked with the weighting) -> ``combine`` (which sums but never weights). No host sync:
+  graph-capturable;
 * reference: :class:`~deepep_switch.providers.reference.ReferenceElasticBuffer`.
 """
 
@@ -25,12 +27,14 @@ import torch.distributed as dist
 from ..backend import Backend
 from ..checks import Check, HostView, Version, format_version, parse_version
 from ..config import DeepEPMode, DeepepWrapperConfig
-from ..kernels.layout import LayoutOps, layout_ops_for
-from ..quant import Quant, Quantizer, quantize_fp8
+from ..kernels.layout import row_weighter_for
+from ..quant import Quant, quantize_fp8, quantizer_for
 from ..settings import SwitchSettings
 from ..watchdog import Guard
-from .contracts import (Capabilities, LowLatencyDispatch, NormalDispatch, PathContext, RawRoundTrip,
-                        WeightsAppliedBy, XType)
+from .baselines import Bf16Outputs
+from .contracts import Capabilities, NormalDispatch, PathContext, RawRoundTrip, WeightsAppliedBy, XType
+from .elastic_ll import (ElasticLowLatencyHandle, ElasticLowLatencyPath, ElasticTokenHandle,  # noqa: F401
+                         check_hidden)
 from .registry import register
 from .spec import BackendSpec, BufferPlan, Library, accepted_kwargs
 
@@ -144,13 +148,6 @@ def deadline_kwargs(buffer_cls: Any, settings: SwitchSettings) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------- paths
-def check_hidden(ctx: PathContext, buffer_name: str = "ElasticBuffer") -> None:
-    """Real ElasticBuffer's (and EPBuffer's) combine kernel static-asserts hidden % 256; say so when the router is
-    built."""
-    if ctx.real_deep_ep and ctx.hidden % 256:
-        raise ValueError(f"{buffer_name} combine needs hidden % 256 == 0 (a JIT static assert), got {ctx.hidden}")
-
-
 class ElasticNormalHandle:
     """The elastic normal path's dispatch handle: DeepEP's ``EPHandle`` (``native``), plus rtp-llm's view of a
     legacy normal handle, ``handle[0]`` = the rank prefix matrix (see :attr:`rank_prefix_matrix`)."""
@@ -210,7 +207,7 @@ class ElasticNormalPath:
             recv_x, recv_ids, recv_w, handle, _ = self.buffer.dispatch(
                 x, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
                 expert_alignment=self.expert_alignment, num_sms=self.num_sms, do_cpu_sync=True)
-        recv_w = recv_w.masked_fill(recv_ids < 0, 0.0)  # V2 keeps the sender's weight where the id is -1
+        recv_w.masked_fill_(recv_ids < 0, 0.0)  # V2 keeps the sender's weight where the id is -1 (ours to edit)
         counts = list(handle.num_recv_tokens_per_expert_list) or [0] * self.num_local_experts
         rows, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
         return NormalDispatch(rows, scales, recv_ids, recv_w, counts,
@@ -221,136 +218,45 @@ class ElasticNormalPath:
         return out
 
 
-class ElasticLowLatencyHandle:
-    """The elastic low-latency path's dispatch state, plus rtp-llm's view of a legacy low-latency handle
-    ``(src_info, layout_range, N, H, E)`` by index (computed on first read; nobody pays otherwise).
-
-    Attributes:
-        native: DeepEP's ``EPHandle``.
-        weights: float32 ``[rows]``: the routing weight of each expanded row.
-        end / counts: int32 ``[E_local]``: one past the last row of each expert, and its row count.
-        num_rows: expanded rows allocated.
-    """
-
-    __slots__ = ("native", "weights", "end", "counts", "num_rows", "_shape", "_views")
-
-    def __init__(self, native: Any, weights: torch.Tensor, end: torch.Tensor, counts: torch.Tensor, num_rows: int,
-                 shape: tuple[int, int, int, int]) -> None:
-        self.native, self.weights, self.end, self.counts, self.num_rows = native, weights, end, counts, num_rows
-        self._shape = shape  # (ranks, N, hidden, num_experts)
-        self._views: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-
-    def __getitem__(self, index: int) -> Any:
-        ranks, capacity, hidden, experts = self._shape
-        if index in (0, 1):
-            if self._views is None:
-                self._views = self._legacy_views()
-            return self._views[index]
-        return (capacity, hidden, experts)[index - 2]
-
-    def _legacy_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``src_info`` int32 ``[E_local, R*N]`` (the token's index in its source rank, -1 past the count) and
-        ``layout_range`` int64 ``[E_local, R]`` (``begin << 32 | count`` of each source rank's slots).
-
-        Reads the handle on the host (a sync). ``layout_range`` needs each expert's rows grouped by source rank,
-        which V2 gives only with ``deterministic=True``; otherwise it raises rather than describe rows wrongly.
-        """
-        ranks, capacity, _, _ = self._shape
-        meta = self.native.recv_src_metadata
-        valid_rows = int(self.native.psum_num_recv_tokens_per_scaleup_rank[-1])
-        meta = meta[:valid_rows].to(torch.int64)
-        slots = meta[:, 2:]
-        taken = slots >= 0
-        slot_src = torch.full((self.num_rows,), -1, dtype=torch.int64, device=meta.device)
-        slot_src[slots[taken]] = meta[:, :1].expand_as(slots)[taken]
-        width = ranks * capacity
-        offsets = torch.arange(width, device=meta.device)
-        start = (self.end.to(torch.int64) - self.counts.to(torch.int64)).unsqueeze(1)
-        inside = offsets.unsqueeze(0) < self.counts.to(torch.int64).unsqueeze(1)
-        src = torch.where(inside, slot_src[(start + offsets).clamp(0, max(self.num_rows - 1, 0))],
-                          torch.full((), -1, dtype=torch.int64, device=meta.device))
-        m = int(self.native.num_max_tokens_per_rank)
-        src_info = torch.where(inside, src % m, torch.full_like(src, -1)).to(torch.int32)
-        src_rank = torch.where(inside, src // m, torch.full_like(src, ranks))
-        grouped = bool(((src_rank[:, 1:] >= src_rank[:, :-1]) | ~inside[:, 1:]).all()) if width > 1 else True
-        if not grouped:
-            raise RuntimeError(
-                "handle[1] (layout_range) has no meaning on this ElasticBuffer: inside an expert V2 interleaves source "
-                "ranks unless built with deterministic=True (set RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC=1); "
-                "handle[0] (src_info) is exact either way")
-        count = torch.zeros((src.shape[0], ranks + 1), dtype=torch.int64, device=meta.device)
-        count.scatter_add_(1, src_rank, torch.ones_like(src_rank))
-        count = count[:, :ranks]
-        begin = torch.cumsum(count, dim=1) - count
-        return src_info, (begin << 32) | count
-
-
-class ElasticLowLatencyPath:
-    """``ElasticBuffer`` without host sync, converted to and from the legacy low-latency layout. Nothing here
-    blocks the host, so nothing is guarded: ``num_gpu_timeout_secs`` bounds the kernels, graph replays included."""
-
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        host_sync=False, graph_capturable=True, weights=WeightsAppliedBy.PATH)
-    buffer_name: ClassVar[str] = "ElasticBuffer"
-
-    def __init__(self, buffer: Any, num_experts: int, capacity: int, ranks: int, quantize: Quantizer,
-                 num_sms: int, ops: LayoutOps, hidden: int = 0) -> None:
-        self.buffer, self.num_experts, self.capacity, self.ranks = buffer, num_experts, capacity, ranks
-        self.quantize, self.num_sms, self.ops = quantize, num_sms, ops
-        self.num_local_experts = num_experts // ranks
-        self._shape = (ranks, capacity, hidden, num_experts)
-
-    @classmethod
-    def build(cls, ctx: PathContext) -> "ElasticLowLatencyPath":
-        assert ctx.capacity is not None, "low-latency buffers always have a capacity"
-        check_hidden(ctx, cls.buffer_name)
-        return cls(ctx.buffer, ctx.num_experts, ctx.capacity, ctx.num_ranks, ctx.quantize, ctx.num_sms,
-                   layout_ops_for(ctx.device), ctx.hidden)
-
-    @property
-    def layout_ops(self) -> str:
-        """Which conversion runs: "triton" or "torch"."""
-        return self.ops.name
-
-    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> LowLatencyDispatch:
-        payload = self.quantize(x)  # DeepEP V2 moves FP8 bytes but never quantises: same recipe as legacy LL
-        recv, _, recv_w, handle, _ = self.buffer.dispatch(
-            payload, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
-            num_max_tokens_per_rank=self.capacity, expert_alignment=1, num_sms=self.num_sms,
-            do_cpu_sync=False, do_expand=True)
-        rows_x, rows_sf = recv if isinstance(recv, tuple) else (recv, None)
-        counts = handle.num_unaligned_recv_tokens_per_expert
-        end = handle.psum_num_recv_tokens_per_expert  # expand mode: psum[e] = start[e] + count[e]
-        slots = self.ranks * self.capacity
-        expert_x = self.ops.pack(rows_x, end, counts, slots)
-        scales = None
-        if rows_sf is not None:
-            # DeepEP's legacy layout: [E_local, R*N, H/128] with the token dimension contiguous.
-            scales = torch.empty((self.num_local_experts, rows_sf.shape[1], slots), dtype=rows_sf.dtype,
-                                 device=rows_sf.device).transpose(1, 2)
-            self.ops.pack(rows_sf, end, counts, slots, out=scales)
-        state = ElasticLowLatencyHandle(handle, recv_w, end, counts, rows_x.shape[0], self._shape)
-        return LowLatencyDispatch(expert_x, scales, counts, state)
-
-    def combine(self, y: torch.Tensor, state: ElasticLowLatencyHandle, weights: torch.Tensor,
-                ids: torch.Tensor) -> torch.Tensor:
-        rows = self.ops.unpack(y, state.weights, state.end, state.counts, state.num_rows)
-        out, _, _ = self.buffer.combine(rows, state.native, num_sms=state.native.num_sms)
-        return out
-
-
 def raw_round_trip(buffer: Any, low_latency: bool, capacity: int, num_experts: int, x: torch.Tensor,
                    ids: torch.Tensor, weights: torch.Tensor, quant: Quant) -> RawRoundTrip:
-    """Bench baseline: raw ``ElasticBuffer`` calls (expert output = input; low-latency: expand, no CPU sync,
-    and no top-k weighting, which V2's combine never does and a real integration must add)."""
+    """Bench baseline: raw ``ElasticBuffer`` calls, an identity executor that costs nothing (FP8: a preallocated
+    bf16 output), FP8 quantised once outside the round trip. Low-latency: expand, no CPU sync, and no top-k
+    weighting, which V2's combine never does and a real integration must add (see :func:`raw_weighted_round_trip`)."""
     del capacity  # the buffer's own num_max_tokens_per_rank applies
     payload = quantize_fp8(x, quant.round_scale) if quant.is_fp8 else x
+    outputs = Bf16Outputs()
 
     def trip() -> Any:
         recv, _, _, handle, _ = buffer.dispatch(payload, topk_idx=ids, topk_weights=weights, num_experts=num_experts,
                                                 do_cpu_sync=not low_latency, do_expand=low_latency)
-        y = recv[0].to(torch.bfloat16) if quant.is_fp8 else recv
+        y = outputs(recv[0]) if quant.is_fp8 else recv
         return buffer.combine(y, handle)[0]
+    return trip
+
+
+def raw_weighted_round_trip(buffer: Any, low_latency: bool, capacity: int, num_experts: int, x: torch.Tensor,
+                            ids: torch.Tensor, weights: torch.Tensor, quant: Quant) -> Optional[RawRoundTrip]:
+    """Bench baseline for low-latency (None in normal mode): the cheapest *correct* hand-written elastic decode
+    round trip: quantise (FP8: V2 never quantises; the same Triton quantiser the router uses) ->
+    ``dispatch(do_expand=True, do_cpu_sync=False)`` -> identity executor -> the top-k weighting of the expanded rows
+    in place (one Triton launch over the valid rows on CUDA) -> ``combine``. Its ``name`` attribute says which
+    weighting ran."""
+    del capacity
+    if not low_latency:
+        return None
+    device = x.device
+    _, quantize = quantizer_for(quant, device)
+    name, weigh = row_weighter_for(device)
+    outputs = Bf16Outputs()
+
+    def trip() -> Any:
+        recv, _, recv_w, handle, _ = buffer.dispatch(quantize(x), topk_idx=ids, topk_weights=weights,
+                                                     num_experts=num_experts, do_cpu_sync=False, do_expand=True)
+        y = outputs(recv[0]) if quant.is_fp8 else recv
+        weigh(y, recv_w, handle.psum_num_recv_tokens_per_expert[-1:])
+        return buffer.combine(y, handle)[0]
+    trip.name = name  # type: ignore[attr-defined]
     return trip
 
 
@@ -375,5 +281,6 @@ SPEC: BackendSpec = register(BackendSpec(
     host_checks=host_checks,
     check_names=("nccl_runtime", "nccl_build_match", "gin"),
     raw_round_trip=raw_round_trip,
+    raw_weighted_round_trip=raw_weighted_round_trip,
     auto_priority=10,
 ))

@@ -136,8 +136,8 @@ class EPNormalPath(elastic.ElasticNormalPath):
 
 
 class EPLowLatencyPath(elastic.ElasticLowLatencyPath):
-    """:class:`~deepep_switch.backends.elastic.ElasticLowLatencyPath` on ``EPBuffer`` (expanded layout, no host
-    sync), giving 2.5 its own copy of the top-k ids."""
+    """:class:`~deepep_switch.backends.elastic.ElasticLowLatencyPath` on ``EPBuffer`` (token or expand layout, no
+    host sync), giving 2.5 its own copy of the top-k ids."""
 
     buffer_name = "EPBuffer"
 
@@ -166,5 +166,6 @@ SPEC: BackendSpec = register(BackendSpec(
     host_checks=host_checks,
     check_names=("ep_nccl_runtime", "ep_single_libnccl", "ep_nvcc", "gin"),
     raw_round_trip=elastic.raw_round_trip,  # its calls are 2.5's too; the bench's ids are never changed
+    raw_weighted_round_trip=elastic.raw_weighted_round_trip,
     auto_priority=20,
 ))

@@ -25,6 +25,7 @@ from ..config import DeepEPMode, DeepepWrapperConfig
 from ..quant import Quant, quantize_fp8
 from ..settings import SwitchSettings
 from ..watchdog import Guard
+from .baselines import Bf16Outputs
 from .contracts import (Capabilities, LowLatencyDispatch, NormalDispatch, PathContext, RawRoundTrip,
                         WeightsAppliedBy, XType)
 from .registry import register
@@ -145,11 +146,13 @@ def check_low_latency_limits(hidden: int, topk: int, capacity: int, ranks: int, 
 
 def raw_round_trip(buffer: Any, low_latency: bool, capacity: int, num_experts: int, x: torch.Tensor,
                    ids: torch.Tensor, weights: torch.Tensor, quant: Quant) -> RawRoundTrip:
-    """Bench baseline: the raw ``Buffer`` calls a hand-written integration makes (expert output = input)."""
+    """Bench baseline: the raw ``Buffer`` calls a hand-written integration makes (expert output = input for bf16;
+    FP8: a preallocated bf16 output, so that no side pays for an executor)."""
     fp8 = quant.is_fp8
+    outputs = Bf16Outputs()  # FP8: the identity executor's bf16 output, preallocated (no conversion pass)
 
     def as_bf16(recv: Any) -> torch.Tensor:
-        return recv[0].to(torch.bfloat16) if fp8 else recv
+        return outputs(recv[0]) if fp8 else recv
 
     if low_latency:
         def low_latency_trip() -> Any:

@@ -122,8 +122,11 @@ class BackendSpec:
         normal_path / low_latency_path: the router paths (see :mod:`deepep_switch.backends.contracts`).
         host_checks: preflight checks beyond the library's (default: none); ``check_names`` lists every name
             they can return, so each rank's vote has the same bit layout.
-        raw_round_trip: ``raw(wrapper, low_latency, x, ids, weights, quant)`` -> a benchmark baseline made of raw
-            library calls, or None (bench then shows no raw column).
+        raw_round_trip: ``raw(buffer, low_latency, capacity, num_experts, x, ids, weights, quant)`` -> a benchmark
+            baseline made of raw library calls, or None (bench then shows no raw column).
+        raw_weighted_round_trip: the same signature -> a baseline that also does what a correct integration must
+            add to the raw calls (elastic low-latency: quantise and apply the top-k weights), or None (bench shows
+            no raw+w column for that generation or mode).
         auto_priority: ``auto`` picks the runnable generation with the highest value; the fallback never needs one.
     """
 
@@ -137,6 +140,7 @@ class BackendSpec:
     host_checks: ChecksFn = _no_checks
     check_names: tuple[str, ...] = ()
     raw_round_trip: Optional[Callable[..., "RawRoundTrip"]] = None
+    raw_weighted_round_trip: Optional[Callable[..., Optional["RawRoundTrip"]]] = None
     auto_priority: int = 0
 
     @property

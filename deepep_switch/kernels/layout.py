@@ -88,3 +88,25 @@ def layout_ops_for(device: torch.device) -> LayoutOps:
                        "torch conversion", exc)
         return TORCH_OPS
     return LayoutOps("triton", pack_rows_triton, unpack_rows_triton)
+
+
+def weight_rows_torch(rows: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """In place ``rows[i] = bf16(f32(rows[i]) * weights[i])`` over every allocated row (torch cannot stop at the
+    device-side ``total`` without a host sync). ``rows`` bf16 ``[R_rows, H]``, ``weights`` float32 ``[R_rows]``."""
+    del total
+    rows.copy_((rows.float() * weights.float().unsqueeze(1)).to(rows.dtype))
+    return rows
+
+
+def row_weighter_for(device: torch.device) -> tuple[str, Callable[..., torch.Tensor]]:
+    """``(name, weigh(rows, weights, total))``: the cheapest correct top-k weighting of expanded rows a hand-written
+    elastic integration needs (V2's combine never weights): one Triton launch over the valid rows ``[0, total)``
+    on CUDA, else :func:`weight_rows_torch` over every allocated row."""
+    if device.type == "cuda":
+        try:
+            from .triton_layout import weight_rows_triton
+        except Exception as exc:  # no Triton here
+            logger.warning("Triton row weighting unavailable (%s); using torch over every allocated row", exc)
+        else:
+            return "triton (valid rows)", weight_rows_triton
+    return "torch (all rows)", weight_rows_torch

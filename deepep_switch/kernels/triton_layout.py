@@ -92,3 +92,31 @@ def unpack_rows_triton(y: torch.Tensor, weights: torch.Tensor, end: torch.Tensor
                          BLOCK_M=_BLOCK_M, BLOCK_H=block_h)
     return out
 
+
+
+@triton.jit
+def _weight_rows_kernel(rows_ptr, w_ptr, total_ptr, hidden, stride_row, BLOCK_M: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0)
+    total = tl.load(total_ptr)
+    if pid * BLOCK_M < total:
+        r = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = r < total
+        w = tl.load(w_ptr + r, mask=rmask, other=0.0).to(tl.float32)
+        base = r.to(tl.int64)[:, None] * stride_row
+        for h0 in range(0, hidden, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            mask = rmask[:, None] & (cols[None, :] < hidden)
+            v = tl.load(rows_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(rows_ptr + base + cols[None, :], (v * w[:, None]).to(tl.bfloat16), mask=mask)
+
+
+def weight_rows_triton(rows: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """In place ``rows[i] = bf16(f32(rows[i]) * weights[i])`` for ``i < total`` (int32 ``[1]`` on the device):
+    bf16 ``rows [R_rows, H]`` (unit column stride), float32 ``weights [R_rows]``. One launch."""
+    num_rows, hidden = rows.shape
+    if num_rows:
+        block_h = min(1024, triton.next_power_of_2(hidden))
+        _weight_rows_kernel[(triton.cdiv(num_rows, _BLOCK_M),)](rows, weights, total, hidden, rows.stride(0),
+                                                                BLOCK_M=_BLOCK_M, BLOCK_H=block_h)
+    return rows
