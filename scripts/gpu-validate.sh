@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run deepep-switch's GPU validation on a machine with real DeepEP installed (torch 2.14.1, nvidia-nccl-cu13 2.30.7,
-# sgl-deep-ep 0.1.2.post1), e.g. a lent device. Logs and JSON records go to $OUT (default ./gpu-out).
+# Run deepep-switch's GPU validation on a machine with real DeepEP installed, e.g. a lent device: DeepEP 2.1's stack
+# (torch 2.14.1, nvidia-nccl-cu13 2.30.7, sgl-deep-ep 0.1.2.post1) or 2.5's (the same torch, NCCL 2.32.3,
+# sgl-deep-ep beside sgl-deep-ep-v25, nvcc >= 13.1: target v25). Logs and JSON records go to $OUT (default ./gpu-out).
 #   scripts/gpu-validate.sh core      # test_gpu_core.py + the Triton layout kernel tests (2 GPUs)
 #   scripts/gpu-validate.sh routers   # test_gpu_routers.py (2 GPUs, and 4 if present)
 #   scripts/gpu-validate.sh validation  # test_validation.py's gpu tests (RTP_LLM_DEEPEP_VALIDATE, 2 GPUs)
