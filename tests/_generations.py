@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import multiprocessing
 import os
 from typing import Any, Iterable, Optional
 
@@ -52,8 +53,14 @@ def unavailable() -> dict[str, str]:
     """``{generation: why this process cannot run it on real DeepEP}``; a runnable generation is absent.
 
     Without GPUs or DeepEP nothing is imported (every generation gets :func:`gpu_ready`'s reason); otherwise
-    deepep-switch's own preflight decides, with ``EP_DISABLE_GIN`` as the process started with.
+    deepep-switch's own preflight decides, with ``EP_DISABLE_GIN`` as the process started with. Only the pytest
+    process decides: in the ranks it spawns (which import the test modules to find their workers) nothing is
+    probed.
     """
+    if multiprocessing.parent_process() is not None:
+        # A spawned rank importing a test module to run its worker: the marks made from this are never used there,
+        # and probing here would import DeepEP and touch CUDA before the rank has picked its GPU.
+        return {name: "decided in the pytest process, not in its ranks" for name in GENERATIONS}
     ready, why = gpu_ready()
     if not ready:
         return {name: why for name in GENERATIONS}

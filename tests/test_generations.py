@@ -49,3 +49,17 @@ def test_without_gpus_every_generation_is_unavailable_without_importing_deep_ep(
         assert _generations.unavailable() == {name: "needs >= 2 CUDA GPUs" for name in GENERATIONS}
     finally:
         _generations.unavailable.cache_clear()
+
+
+def _in_a_rank(rank: int, world: int) -> dict:
+    import _generations as generations
+
+    generations.unavailable.cache_clear()
+    return generations.unavailable()
+
+
+def test_the_ranks_spawned_by_a_test_never_probe_deep_ep():
+    from deepep_switch.launch import spawn
+
+    for out in spawn(_in_a_rank, 2, timeout_s=60):
+        assert set(out) == set(GENERATIONS) and all("not in its ranks" in why for why in out.values()), out
