@@ -52,7 +52,9 @@ class DeepepWrapperConfig:
         hidden_size: H, the token width in elements.
         expert_num: E, experts across all ranks; must divide by ep_size.
         moe_k: top-k experts per token.
-        deep_ep_num_sm: rtp-llm's DEEP_EP_NUM_SM (kept for equality; the SM knob here is RTP_LLM_DEEPEP_NUM_SMS).
+        deep_ep_num_sm: rtp-llm's DEEP_EP_NUM_SM: the legacy normal buffer is sized for at least this many SMs
+            (engine code dispatches with ``Config(deep_ep_num_sm, ...)``); the kernels' SM count is
+            RTP_LLM_DEEPEP_NUM_SMS.
         use_deepep_low_latency: build for the low-latency (decode) router instead of the normal one.
         use_deepep_internode: the EP group spans nodes.
         ll_num_max_token: rtp-llm's raw low-latency token budget (before TP and bucketing).

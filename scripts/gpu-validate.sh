@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run deepep-switch's GPU validation on a machine with real DeepEP installed (torch 2.14.1, nvidia-nccl-cu13 2.30.7,
-# sgl-deep-ep 0.1.2.post1), e.g. a lent device. Logs and JSON records go to $OUT (default ./gpu-out).
+# Run deepep-switch's GPU validation on a machine with real DeepEP installed, e.g. a lent device: DeepEP 2.1's stack
+# (torch 2.14.1, nvidia-nccl-cu13 2.30.7, sgl-deep-ep 0.1.2.post1) or 2.5's (the same torch, NCCL 2.32.3,
+# sgl-deep-ep beside sgl-deep-ep-v25, nvcc >= 13.1: target v25). Logs and JSON records go to $OUT (default ./gpu-out).
 #   scripts/gpu-validate.sh core      # test_gpu_core.py + the Triton layout kernel tests (2 GPUs)
 #   scripts/gpu-validate.sh routers   # test_gpu_routers.py (2 GPUs, and 4 if present)
 #   scripts/gpu-validate.sh validation  # test_validation.py's gpu tests (RTP_LLM_DEEPEP_VALIDATE, 2 GPUs)
@@ -12,6 +13,9 @@
 #   scripts/gpu-validate.sh perf [tables|sweep|all]   # the performance run (2 GPUs): tables <= 9.5 min (~4 expected),
 #       sweep <= 9.5 min (~4 expected, mostly DeepEP JIT compiles per num_sms and token count);
 #       run "tables" and "sweep" as two commands where one command may last at most 10 minutes
+#   scripts/gpu-validate.sh v25 [STEP,...]  # DeepEP 2.5 stack (legacy + ep), 2 GPUs, within V25_BUDGET_S (480 s)
+# Every GPU test runs the generations this process can run (tests/_generations.py): legacy and elastic on the
+# 2.1 stack (ep rows skip), legacy and ep on the 2.5 stack (elastic rows skip, with preflight's reason).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -99,8 +103,82 @@ case "${1:-}" in
       done
     fi
     ;;
+  v25)
+    # The DeepEP 2.5 stack (../shared/gpu/v25: torch 2.14.1, NCCL 2.32.3, sgl-deep-ep's legacy Buffer beside
+    # sgl-deep-ep-v25's EPBuffer, nvcc 13.5 for 2.5's JIT, EP_DISABLE_GIN=1) on 2 GPUs: everything the GPU tests
+    # have for ep and legacy, then the bench. Steps run in priority order, each bounded by `timeout` and by what
+    # is left of V25_BUDGET_S; a step that no longer fits is reported as skipped (run it alone: v25 STEP).
+    # DeepEP 2.5 compiles each new dispatch/combine shape on first use (4-6 s, cached in ~/.dj): the tests and
+    # the bench's warm-up take that before anything is compared or timed.
+    steps=${2:-doctor,core,routers,rtp-llm,validation,reliability,bench,killed}
+    budget=${V25_BUDGET_S:-480}
+    t0=$(date +%s)
+    summary="$OUT/v25-summary.txt"
+    stamp "v25: steps $steps, budget ${budget}s" | tee "$OUT/gpu-v25.log" | tee "$summary"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/gpu-v25.log" 2>&1
+    python3 - >> "$OUT/gpu-v25.log" 2>&1 <<'PY'
+import importlib.metadata as md, os, subprocess
+import torch
+def probe(what, fn):
+    try:
+        print(what, fn())
+    except Exception as exc:
+        print(what, "unknown:", type(exc).__name__, exc)
+for mod in ("deep_ep", "deep_ep_v25"):
+    probe(mod, lambda: (lambda m: (getattr(m, "__version__", "?"), [c for c in ("Buffer", "ElasticBuffer", "EPBuffer")
+                                                                     if hasattr(m, c)]))(__import__(mod)))
+probe("torch", lambda: (torch.__version__, torch.cuda.device_count(), "GPUs"))
+probe("torch nccl", torch.cuda.nccl.version)
+probe("nvidia-nccl-cu13", lambda: md.version("nvidia-nccl-cu13"))
+probe("env", lambda: {k: os.environ.get(k) for k in ("EP_DISABLE_GIN", "EP_JIT_NVCC_COMPILER", "CUDA_HOME")})
+nvcc = os.environ.get("EP_JIT_NVCC_COMPILER") or "nvcc"
+probe(nvcc, lambda: subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1])
+PY
+    reserve=0   # seconds kept back for the bench while the tests run
+    case ",$steps," in *",bench,"*) reserve=${V25_BENCH_RESERVE_S:-100} ;; esac
+    left() { echo $(( budget - ($(date +%s) - t0) - reserve )); }
+    # step NAME CAP MIN CMD...: run CMD under `timeout min(CAP, time left)` unless fewer than MIN seconds are left;
+    # CMD "pytest ARGS" runs the gpu-marked tests of ARGS, each test bounded 15 s inside the step's timeout.
+    step() {
+      local name=$1 cap=$2 min=$3; shift 3
+      case ",$steps," in *",$name,"*) ;; *) return 0 ;; esac
+      [ "$name" = bench ] && reserve=0
+      local t; t=$(left); [ "$t" -gt "$cap" ] && t=$cap
+      if [ "$t" -lt "$min" ]; then
+        stamp "v25 $name: SKIPPED (budget: ${t}s left of ${budget}s, needs ${min}s; run: $0 v25 $name)" \
+          | tee -a "$OUT/gpu-v25.log" "$summary"
+        return 0
+      fi
+      if [ "$1" = pytest ]; then
+        shift
+        set -- python3 -m pytest -m gpu -v -p no:cacheprovider -o addopts="" -rsxX --timeout $(( t - 15 )) \
+          --junitxml="$OUT/v25-$name.xml" "$@"
+      fi
+      local s0; s0=$(date +%s)
+      stamp "v25 $name: start (timeout ${t}s): $*" | tee "$OUT/v25-$name.log"
+      timeout -k 10 "$t" "$@" >> "$OUT/v25-$name.log" 2>&1
+      local rc=$?
+      tail -n 60 "$OUT/v25-$name.log" >> "$OUT/gpu-v25.log"
+      local result; result=$(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$OUT/v25-$name.log" | tail -n 1)
+      stamp "v25 $name: exit $rc after $(( $(date +%s) - s0 ))s ${result}" | tee -a "$OUT/gpu-v25.log" "$summary"
+    }
+    # doctor: which generations this process can run and why not the others (exit 1 if ep cannot run)
+    step doctor 60 20 bash -c 'export RTP_LLM_DEEPEP_BACKEND=ep; python3 -m deepep_switch.cli doctor --json > "$1";
+      python3 -m deepep_switch.cli doctor' _ "$OUT/doctor-v25.json"
+    step core 180 60 pytest tests/test_gpu_core.py tests/test_layout_kernels.py
+    step routers 180 60 pytest tests/test_gpu_routers.py -k "not 4gpu"
+    # legacy's rtp-llm rows run on the 2.1 stack (the rtp-llm target); here the ep rows
+    step rtp-llm 180 60 pytest tests/rtp_llm -k "gpu-ep"
+    step validation 120 60 pytest tests/test_validation.py
+    step reliability 60 30 pytest tests/test_gpu_reliability.py -k "one_sided and 2gpu"
+    step bench 150 70 python3 -m deepep_switch.cli bench --ranks 2 --backends legacy,ep --json "$OUT/bench-v25.json" \
+      --timeout 140
+    step killed 90 70 pytest tests/test_gpu_reliability.py -k "killed and 2gpu and ep"
+    stamp "v25: done after $(( $(date +%s) - t0 ))s" | tee -a "$OUT/gpu-v25.log" "$summary"
+    cat "$summary"
+    ;;
   *)
-    echo "usage: $0 core|routers|validation|reliability [K]|rtp-llm|bench N|switch|metrics-bench [N]|perf [tables|sweep|all]" >&2
+    echo "usage: $0 core|routers|validation|reliability [K]|rtp-llm|bench N|switch|metrics-bench [N]|perf [tables|sweep|all]|v25 [STEP,...]" >&2
     exit 2
     ;;
 esac

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
-import torch
 
+from _generations import gpu_ready  # the rule: >= 2 GPUs and deep_ep or deep_ep_v25
 from deepep_switch.settings import get_settings
 
 _OUR_PREFIXES = ("RTP_LLM_DEEPEP_", "DEEPEP_SWITCH_")
-
-
-def gpu_ready(min_gpus: int = 2) -> tuple[bool, str]:
-    """GPU tests need real deep_ep (sgl-deep-ep) and at least ``min_gpus`` CUDA devices."""
-    if not torch.cuda.is_available() or torch.cuda.device_count() < min_gpus:
-        return False, f"needs >= {min_gpus} CUDA GPUs"
-    if importlib.util.find_spec("deep_ep") is None:
-        return False, "needs deep_ep (pip install 'deepep-switch[gpu]')"
-    return True, ""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

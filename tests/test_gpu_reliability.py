@@ -1,4 +1,6 @@
-"""GPU (real DeepEP 2.1.0, 2 GPUs): the reliability cases that only real hardware shows.
+"""GPU (real DeepEP, 2 GPUs; 4 where present): the reliability cases that only real hardware shows, on every
+generation this process can run (legacy and elastic on DeepEP 2.1's stack, legacy and ep on 2.5's;
+``tests/_generations``: the others skip with preflight's reason).
 
 * a one-sided environment change before ``create`` (``EP_DISABLE_GIN`` dropped on one rank only) -> every rank
   the same clear error before any buffer, never a hang;
@@ -6,7 +8,7 @@
   watchdog (exit status 62) within the deadline + 30 s;
 * a soak of random-shape round trips per backend x router (0 tokens, uneven ranks, -1 ids, FP8 on a share), every
   result checked against the local closed form, ``memory_reserved`` flat;
-* create/reset cycles alternating the backends, memory back to where it started.
+* create/reset cycles alternating the runnable generations, memory back to where it started.
 
 The closed form: with an executor that multiplies each received row by its (masked) top-k weights (normal) or
 returns the rows unchanged (low-latency, whose combine weights), ``out[t] = x[t] * sum_j w[t, j]`` over the valid
@@ -25,6 +27,7 @@ from typing import Any
 import pytest
 import torch
 
+from _generations import GENERATIONS, V2_GENERATIONS, generation_params, runnable
 from _helpers import record_gpu_results, settings_from_env
 from deepep_switch.launch import free_port, spawn
 from deepep_switch.quant import Quant
@@ -36,6 +39,13 @@ H, E, K, N = 7168, 64, 8, 128
 SOAK_ITERS = int(os.environ.get("DEEPEP_SWITCH_SOAK_ITERS", "10000"))
 # These hosts have NVLink and no RDMA NIC; conftest clears EP_DISABLE_GIN in the test process, so the ranks get it.
 GIN_OFF = {"EP_DISABLE_GIN": "1"}
+
+
+def _runnable_or_skip(candidates: tuple[str, ...] = GENERATIONS) -> tuple[str, ...]:
+    backends = runnable(candidates)
+    if not backends:
+        pytest.skip(f"none of {', '.join(candidates)} can run in this process")
+    return backends
 
 
 def _device() -> torch.device:
@@ -72,13 +82,13 @@ def _round_trip(router: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- soak
-def _soak_worker(rank: int, world: int, iters: int) -> dict[str, Any]:
+def _soak_worker(rank: int, world: int, iters: int, backends: tuple[str, ...]) -> dict[str, Any]:
     from deepep_switch import DeepEPWrapper
     from routers import LowLatencyRouter, NormalRouter, RouterOptions
 
     device = _device()
     out: dict[str, Any] = {}
-    for backend in ("legacy", "elastic"):
+    for backend in backends:
         settings = settings_from_env(RTP_LLM_DEEPEP_BACKEND=backend)
         for low_latency in (False, True):
             key = f"{backend}_{'low_latency' if low_latency else 'normal'}"
@@ -121,11 +131,13 @@ def _worlds() -> list[Any]:
 
 @pytest.mark.timeout(560)
 @pytest.mark.parametrize("world", _worlds())
-def test_soak_random_shapes_both_backends_both_routers(world):
+def test_soak_random_shapes_every_generation_both_routers(world):
+    backends = _runnable_or_skip()
     iters = SOAK_ITERS if world == 2 else max(SOAK_ITERS // 10, 200)  # reduced length beyond two GPUs
-    results = spawn(_soak_worker, world, args=(iters,), backend="nccl", env=GIN_OFF, timeout_s=540)
+    results = spawn(_soak_worker, world, args=(iters, backends), backend="nccl", env=GIN_OFF, timeout_s=540)
     record_gpu_results(f"gpu_soak_{world}", results)
     for r in results:
+        assert sorted({key.split("_")[0] for key in r}) == sorted(backends), r
         for key, m in r.items():
             assert m["backend"] == key.split("_")[0], m
             assert m["checked"] >= iters // 30, m
@@ -135,7 +147,7 @@ def test_soak_random_shapes_both_backends_both_routers(world):
 
 
 # ---------------------------------------------------------------------------------------------- cycles
-def _cycles_worker(rank: int, world: int, cycles: int) -> dict[str, Any]:
+def _cycles_worker(rank: int, world: int, cycles: int, backends: tuple[str, ...]) -> dict[str, Any]:
     import gc
 
     from deepep_switch import DeepEPWrapper
@@ -151,7 +163,7 @@ def _cycles_worker(rank: int, world: int, cycles: int) -> dict[str, Any]:
     seen = []
     started = time.monotonic()
     for i in range(cycles):
-        backend = ("legacy", "elastic")[i % 2]
+        backend = backends[i % len(backends)]
         config = layer_config(rank, world, hidden=H, experts=E, topk=K, capacity=N, low_latency=bool(i % 4 >= 2))
         wrapper = DeepEPWrapper.create(config, settings=settings_from_env(RTP_LLM_DEEPEP_BACKEND=backend))
         seen.append(wrapper.backend.value)
@@ -163,16 +175,17 @@ def _cycles_worker(rank: int, world: int, cycles: int) -> dict[str, Any]:
 
 @pytest.mark.timeout(560)
 def test_create_reset_cycles():
-    results = spawn(_cycles_worker, 2, args=(100,), backend="nccl", env=GIN_OFF, timeout_s=540)
+    backends = _runnable_or_skip()
+    results = spawn(_cycles_worker, 2, args=(100, backends), backend="nccl", env=GIN_OFF, timeout_s=540)
     record_gpu_results("gpu_cycles", results)
     for r in results:
-        assert r["backends"] == ["elastic", "legacy"], r
+        assert r["backends"] == sorted(backends), r
         assert r["reserved"][1] <= r["reserved"][0], r
         assert r["free_delta_mib"] <= 64, r  # device memory outside PyTorch's allocator returned too
 
 
 # ---------------------------------------------------------------------------------------------- one-sided env
-def _gin_skew_worker(rank: int, world: int) -> dict[str, Any]:
+def _gin_skew_worker(rank: int, world: int, backend: str) -> dict[str, Any]:
     from deepep_switch import DeepEPWrapper
 
     if rank == world - 1:
@@ -180,7 +193,7 @@ def _gin_skew_worker(rank: int, world: int) -> dict[str, Any]:
     started = time.monotonic()
     try:
         DeepEPWrapper.create(layer_config(rank, world, hidden=H, experts=E, topk=K, capacity=N),
-                             settings=settings_from_env(RTP_LLM_DEEPEP_BACKEND="elastic"))
+                             settings=settings_from_env(RTP_LLM_DEEPEP_BACKEND=backend))
     except ValueError as exc:
         return dict(outcome="ValueError", message=str(exc), seconds=round(time.monotonic() - started, 1),
                     initialized=DeepEPWrapper.is_initialized())
@@ -190,10 +203,11 @@ def _gin_skew_worker(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", generation_params(V2_GENERATIONS))
 @pytest.mark.parametrize("world", _worlds())
-def test_one_sided_gin_change_is_the_same_clear_error_everywhere(world):
-    results = spawn(_gin_skew_worker, world, backend="nccl", env=GIN_OFF, timeout_s=240)
-    record_gpu_results(f"gpu_gin_skew_{world}", results)
+def test_one_sided_gin_change_is_the_same_clear_error_everywhere(world, backend):
+    results = spawn(_gin_skew_worker, world, args=(backend,), backend="nccl", env=GIN_OFF, timeout_s=240)
+    record_gpu_results(f"gpu_gin_skew_{backend}_{world}", results)
     messages = {r["message"] for r in results if r["outcome"] == "ValueError"}
     assert len(messages) == 1 and all(r["outcome"] == "ValueError" for r in results), results
     assert "EP_DISABLE_GIN" in next(iter(messages)) and not any(r["initialized"] for r in results)
@@ -239,7 +253,7 @@ def _kill_worker(rank: int, world: int, port: int, backend: str, timeout_s: floa
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend", ["legacy", "elastic"])
+@pytest.mark.parametrize("backend", generation_params(GENERATIONS))
 @pytest.mark.parametrize("world", _worlds())
 def test_a_killed_rank_ends_the_survivors_within_the_deadline(backend, world):
     timeout_s = 20.0

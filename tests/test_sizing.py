@@ -73,6 +73,39 @@ def test_legacy_sm_override_changes_the_hint():
         ReferenceBuffer.set_num_sms(20)
 
 
+def test_legacy_normal_plan_fits_the_engines_deep_ep_num_sm():
+    """rtp-llm code dispatches on the buffer itself with ``Config(deep_ep_num_sm, ...)``: the NVL bytes must fit
+    that SM count as well as the kernels' own (``Buffer.num_sms``), whichever is larger, and sizing must leave
+    the class-wide SM count the kernels use as it was."""
+    def nvl(sms: int) -> int:
+        return max(ReferenceConfig(sms, 6, 256, 6, 128).get_nvl_buffer_size_hint(14336, 4),
+                   ReferenceConfig(sms, 9, 256, 6, 128).get_nvl_buffer_size_hint(14336, 4))
+
+    try:
+        assert ReferenceBuffer.num_sms == 20
+        default = legacy.plan(ReferenceBuffer, None, config(), SwitchSettings()).bytes["nvl"]
+        assert default == nvl(20)
+        for deep_ep_num_sm, sms in ((24, 24), (23, 24), (8, 20), (0, 20)):
+            plan = legacy.plan(ReferenceBuffer, None, config(deep_ep_num_sm=deep_ep_num_sm), SwitchSettings())
+            assert plan.bytes["nvl"] == plan.kwargs["num_nvl_bytes"] == nvl(sms), deep_ep_num_sm
+            assert ReferenceBuffer.num_sms == 20  # the kernels' SM count is untouched
+        # RTP_LLM_DEEPEP_NUM_SMS sets the kernels' count (class-wide); deep_ep_num_sm only ever raises the sizing.
+        plan = legacy.plan(ReferenceBuffer, None, config(deep_ep_num_sm=24), SwitchSettings(num_sms=32))
+        assert plan.bytes["nvl"] == nvl(32) and ReferenceBuffer.num_sms == 32
+        assert legacy.sizing_sms(ReferenceBuffer, 24) == 32
+    finally:
+        ReferenceBuffer.set_num_sms(20)
+
+
+def test_legacy_sizing_restores_the_sm_count_when_deep_ep_has_no_config():
+    try:
+        with pytest.raises(ValueError, match="ep_size=3"):
+            legacy.sizing_configs(ReferenceBuffer, 3, 24)
+        assert ReferenceBuffer.num_sms == 20
+    finally:
+        ReferenceBuffer.set_num_sms(20)
+
+
 def test_legacy_low_latency_plan():
     plan = legacy.plan(ReferenceBuffer, None, config(low_latency=True), SwitchSettings())
     assert plan.kwargs["num_rdma_bytes"] == low_latency_rdma_size_hint(128, 7168, 4, 64)

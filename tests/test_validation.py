@@ -1,5 +1,6 @@
-"""RTP_LLM_DEEPEP_VALIDATE: the setting, the agreed knob, the validators, and both routers on both backends giving
-the same answer (or the same ValueError) for crafted bad inputs over 2 gloo ranks on the reference providers.
+"""RTP_LLM_DEEPEP_VALIDATE: the setting, the agreed knob, the validators, and both routers on every generation
+(legacy, elastic, ep) giving the same answer (or the same ValueError) for crafted bad inputs over 2 gloo ranks on the
+reference providers, and on 2 GPUs over the generations this process can run (``tests/_generations``).
 
 Failure tests make one rank's input bad and let only that rank call the failing method; the others wait at a
 barrier, so a check that communicated by mistake would time out the spawn (a failure, never a hang).
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from _generations import GENERATIONS, GPU_ENV, runnable
 from _helpers import settings_from_env
 from deepep_switch import DeepEPWrapper
 from deepep_switch.decision import AGREED_KNOBS, Vote, agree, knob_from_int, knob_to_int, resolve_backend
@@ -223,8 +225,8 @@ def test_check_output_says_what_was_expected_and_what_came():
 
 GPU_H = 2048
 # The clean_settings fixture removes EP_DISABLE_GIN before each test body runs; the GPU ranks need the value the
-# device's install script set (single-node ElasticBuffer without an RDMA NIC), so it is read at import.
-_GPU_ENV = {"EP_DISABLE_GIN": os.environ.get("EP_DISABLE_GIN")}
+# device's install script set (single-node ElasticBuffer/EPBuffer without an RDMA NIC), read at collection.
+_GPU_ENV = GPU_ENV
 CRAFTED = ("int64", "int32", "empty_batch", "empty_everywhere", "id_minus_5", "nan_x", "inf_weight", "id_eq_E",
            "id_E_plus_100", "duplicate")
 BAD_IDS = ("id_minus_5", "id_eq_E", "id_E_plus_100", "duplicate")
@@ -292,7 +294,8 @@ def _host(t: Any) -> Any:
     return t.cpu() if torch.is_tensor(t) else t
 
 
-def _equivalence_worker(rank: int, world: int, hidden: int = H, cuda: bool = False) -> dict:
+def _equivalence_worker(rank: int, world: int, hidden: int = H, cuda: bool = False,
+                        backends: tuple[str, ...] = GENERATIONS) -> dict:
     if not cuda:
         os.environ["DEEPEP_SWITCH_PROVIDER"] = "reference"
     device = _device(cuda)
@@ -300,7 +303,7 @@ def _equivalence_worker(rank: int, world: int, hidden: int = H, cuda: bool = Fal
     out: dict = {}
     for mode, names in RUNS.items():
         for low_latency in (False, True):
-            for backend in ("legacy", "elastic"):
+            for backend in backends:
                 router = _router(rank, world, backend, mode, low_latency, hidden)
                 try:
                     assert router.validation is mode
@@ -320,7 +323,7 @@ def _equivalence_worker(rank: int, world: int, hidden: int = H, cuda: bool = Fal
                 finally:
                     DeepEPWrapper.reset()
     # The ranks must agree on the mode: a skewed environment gives every rank the default.
-    skew = _router(rank, world, "elastic", Validation.FULL if rank == 0 else Validation.OFF, False, hidden)
+    skew = _router(rank, world, backends[-1], Validation.FULL if rank == 0 else Validation.OFF, False, hidden)
     out["skew"] = (skew.validation, skew.wrapper.decision.reasons)
     DeepEPWrapper.reset()
     return out
@@ -337,8 +340,9 @@ def _assert_same(out: torch.Tensor, ref: torch.Tensor, label: str) -> None:
         assert relative_error(out[finite], ref[finite]) <= TOL, (label, relative_error(out[finite], ref[finite]))
 
 
-def check_equivalence(results: list[dict], hidden: int) -> None:
-    """Every mode: both backends and both routers equal the dense MoE on basic's cleaned ids (NaN/Inf alike)."""
+def check_equivalence(results: list[dict], hidden: int, backends: tuple[str, ...] = GENERATIONS) -> None:
+    """Every mode: every generation and both routers equal the dense MoE on basic's cleaned ids (NaN/Inf alike), and
+    each equals the first generation's output (legacy where it runs)."""
     experts = ToyExperts(5, E, hidden)
     for rank, out in enumerate(results):
         for mode, names in RUNS.items():
@@ -349,29 +353,29 @@ def check_equivalence(results: list[dict], hidden: int) -> None:
                 cleaned = MoEProblem(p.x, clean_reference(p.topk_ids, E), p.topk_weights, p.tokens_per_rank)
                 dense = dense_reference(cleaned, experts)[p.rank_slice(rank)]
                 for router in ("normal", "ll"):
-                    legacy = out[(mode.value, router, "legacy", name)]
-                    elastic = out[(mode.value, router, "elastic", name)]
                     label = f"rank {rank} {mode.value} {router} {name}"
-                    _assert_same(legacy, dense, label + " legacy vs dense")
-                    _assert_same(elastic, dense, label + " elastic vs dense")
-                    _assert_same(elastic, legacy.float(), label + " elastic vs legacy")
-                    assert out[(mode.value, router, "legacy", name, "closed")], label
-                    assert out[(mode.value, router, "elastic", name, "closed")], label
+                    first = out[(mode.value, router, backends[0], name)]
+                    for backend in backends:
+                        result = out[(mode.value, router, backend, name)]
+                        _assert_same(result, dense, f"{label} {backend} vs dense")
+                        _assert_same(result, first.float(), f"{label} {backend} vs {backends[0]}")
+                        assert out[(mode.value, router, backend, name, "closed")], (label, backend)
                 if name in NON_FINITE and rank == 0:  # the defect really reached the output
-                    assert not torch.isfinite(out[(mode.value, "normal", "legacy", name)][BAD_ROW]).all()
+                    for backend in backends:
+                        assert not torch.isfinite(out[(mode.value, "normal", backend, name)][BAD_ROW]).all(), backend
 
 
-def check_full_errors(results: list[dict]) -> None:
-    """full: the bad rank's ValueError is the same on both backends and routers; the other rank never dispatched."""
+def check_full_errors(results: list[dict], backends: tuple[str, ...] = GENERATIONS) -> None:
+    """full: the bad rank's ValueError is the same on every generation and router; the other rank never
+    dispatched."""
     r0 = results[0]
     for name in FULL_RAISES:
-        messages = {r0[("full", router, backend, name)] for router in ("normal", "ll")
-                    for backend in ("legacy", "elastic")}
+        messages = {r0[("full", router, backend, name)] for router in ("normal", "ll") for backend in backends}
         assert len(messages) == 1, messages
         message = messages.pop()
         assert message.startswith("ValueError: ") and FULL_MESSAGES[name] in message, message
         for router in ("normal", "ll"):
-            for backend in ("legacy", "elastic"):
+            for backend in backends:
                 assert r0[("full", router, backend, name, "closed")]  # nothing left open
     assert not any(isinstance(key, tuple) and key[0] == "full" and key[3] in FULL_RAISES
                    for key in results[1])  # rank 1 never called prepare for those
@@ -390,12 +394,12 @@ def equivalence() -> list[dict]:
 
 
 @pytest.mark.timeout(240)
-def test_every_mode_gives_the_same_result_on_both_backends(equivalence):
+def test_every_mode_gives_the_same_result_on_every_generation(equivalence):
     check_equivalence(equivalence, H)
 
 
 @pytest.mark.timeout(240)
-def test_full_raises_the_same_value_error_on_both_backends_before_communicating(equivalence):
+def test_full_raises_the_same_value_error_on_every_generation_before_communicating(equivalence):
     check_full_errors(equivalence)
 
 
@@ -419,7 +423,8 @@ def _bad_outputs(y: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"rows": rows, "dtype": y.float(), "hidden": y[..., :-1].contiguous()}
 
 
-def _finalize_worker(rank: int, world: int, hidden: int = H, cuda: bool = False) -> dict:
+def _finalize_worker(rank: int, world: int, hidden: int = H, cuda: bool = False,
+                     backends: tuple[str, ...] = GENERATIONS) -> dict:
     if not cuda:
         os.environ["DEEPEP_SWITCH_PROVIDER"] = "reference"
     device = _device(cuda)
@@ -427,7 +432,7 @@ def _finalize_worker(rank: int, world: int, hidden: int = H, cuda: bool = False)
     out: dict = {}
     for mode in Validation:
         for low_latency in (False, True):
-            for backend in ("legacy", "elastic"):
+            for backend in backends:
                 key = (mode.value, "ll" if low_latency else "normal", backend)
                 router = _router(rank, world, backend, mode, low_latency, hidden)
                 try:
@@ -456,12 +461,12 @@ def _finalize_worker(rank: int, world: int, hidden: int = H, cuda: bool = False)
     return out
 
 
-def check_finalize(results: list[dict], hidden: int) -> None:
+def check_finalize(results: list[dict], hidden: int, backends: tuple[str, ...] = GENERATIONS) -> None:
     experts = ToyExperts(9, E, hidden)
     for rank, out in enumerate(results):
         for mode in Validation:
             for router in ("normal", "ll"):
-                for backend in ("legacy", "elastic"):
+                for backend in backends:
                     for name in ("int64", "empty_batch"):
                         key = (mode.value, router, backend, name)
                         label = " ".join(key)
@@ -548,17 +553,29 @@ def test_triton_id_clean_up_equals_the_torch_one():
                 assert torch.equal(drop_bad_ids_triton(x, 256), drop_bad_ids_torch(x, 256)), (topk, tokens)
 
 
+def _gpu_backends() -> tuple[str, ...]:
+    """The generations this process can run on real DeepEP (legacy and elastic on DeepEP 2.1's stack, legacy and ep
+    on 2.5's); skip when there are none."""
+    backends = runnable()
+    if not backends:
+        pytest.skip("no DeepEP generation can run in this process")
+    return backends
+
+
 @pytest.mark.gpu
 @pytest.mark.timeout(600)
-def test_gpu_every_mode_gives_the_same_result_on_both_backends():
-    results = spawn(_equivalence_worker, 2, args=(GPU_H, True), backend="nccl", env=_GPU_ENV, timeout_s=560)
-    check_equivalence(results, GPU_H)
-    check_full_errors(results)
+def test_gpu_every_mode_gives_the_same_result_on_every_runnable_generation():
+    backends = _gpu_backends()
+    results = spawn(_equivalence_worker, 2, args=(GPU_H, True, backends), backend="nccl", env=_GPU_ENV,
+                    timeout_s=560)
+    check_equivalence(results, GPU_H, backends)
+    check_full_errors(results, backends)
     check_skew(results)
 
 
 @pytest.mark.gpu
 @pytest.mark.timeout(600)
 def test_gpu_finalize_rejects_a_wrong_output_before_combining():
-    check_finalize(spawn(_finalize_worker, 2, args=(GPU_H, True), backend="nccl", env=_GPU_ENV, timeout_s=560),
-                   GPU_H)
+    backends = _gpu_backends()
+    check_finalize(spawn(_finalize_worker, 2, args=(GPU_H, True, backends), backend="nccl", env=_GPU_ENV,
+                         timeout_s=560), GPU_H, backends)

@@ -2,8 +2,10 @@
 
 * import: ``deep_ep.Buffer`` (sgl-deep-ep 2.1, DeepEP <= 2.1, or DeepEP's ``legacy`` branch);
 * sizing: normal mode ``num_nvl_bytes`` = max of the dispatch and combine ``Config`` NVL hints for the rank
-  count (sized for bf16, which also fits FP8 rows and scales), RDMA hints when internode; low-latency
-  ``get_low_latency_rdma_size_hint(N, H, R, E)`` with ``num_qps_per_rank = E // R``;
+  count (sized for bf16, which also fits FP8 rows and scales), RDMA hints when internode, at the larger of the
+  SM count the kernels use (``Buffer.num_sms``, after ``RTP_LLM_DEEPEP_NUM_SMS``) and the engine's
+  ``deep_ep_num_sm`` (rtp-llm code dispatches with ``Config(deep_ep_num_sm, ...)`` on the buffer directly);
+  low-latency ``get_low_latency_rdma_size_hint(N, H, R, E)`` with ``num_qps_per_rank = E // R``;
 * deadlines: ``Buffer`` takes none (its CPU wait gives up after a compiled-in 100 s, its kernels after ~100 s of
   GPU cycles); the reference provider gets ``timeout_s``. The normal ``dispatch`` (host-blocking) is guarded by
   the watchdog;
@@ -51,10 +53,7 @@ def plan(buffer_cls: Any, group: dist.ProcessGroup, config: DeepepWrapperConfig,
                       num_qps_per_rank=experts // ranks, allow_nvlink_for_low_latency_mode=True,
                       explicitly_destroy=True, **deadline_kwargs(buffer_cls, settings))
         return BufferPlan(SPEC.backend, kwargs, {"rdma": rdma}, tokens)
-    try:
-        configs = [buffer_cls.get_dispatch_config(ranks), buffer_cls.get_combine_config(ranks)]
-    except AssertionError as exc:
-        raise ValueError(f"legacy normal mode has no DeepEP config for ep_size={ranks}: {exc}") from exc
+    configs = sizing_configs(buffer_cls, ranks, config.deep_ep_num_sm)
     hidden_bytes = hidden * 2  # bf16 sizing also fits FP8 rows and their scales
     nvl = max(int(c.get_nvl_buffer_size_hint(hidden_bytes, ranks)) for c in configs)
     internode = config.use_deepep_internode
@@ -63,6 +62,35 @@ def plan(buffer_cls: Any, group: dist.ProcessGroup, config: DeepepWrapperConfig,
     kwargs = dict(num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=False, num_qps_per_rank=qps,
                   explicitly_destroy=True, **deadline_kwargs(buffer_cls, settings))
     return BufferPlan(SPEC.backend, kwargs, {"nvl": nvl, "rdma": rdma}, None)
+
+
+def sizing_sms(buffer_cls: Any, deep_ep_num_sm: int) -> int:
+    """The SM count the normal buffer is sized for: the larger of the class-wide ``Buffer.num_sms`` (what the
+    routers' dispatches use: DeepEP's default ``Config`` is built from it) and the engine's ``deep_ep_num_sm``
+    rounded up to even (what rtp-llm code passes as ``Config(deep_ep_num_sm, ...)`` when it calls the buffer
+    itself, e.g. its ``deepep_test``). A Config with more SMs than the buffer was sized for makes DeepEP assert
+    ``... <= num_nvl_bytes`` in dispatch; sizing for more only costs memory."""
+    return max(int(buffer_cls.num_sms), deep_ep_num_sm + deep_ep_num_sm % 2)
+
+
+def sizing_configs(buffer_cls: Any, ranks: int, deep_ep_num_sm: int) -> list[Any]:
+    """DeepEP's own dispatch and combine ``Config`` for ``ranks`` at :func:`sizing_sms` SMs.
+
+    A real ``deep_ep.Config`` exposes no fields (its pybind class has only the constructor and the two hints), so
+    the chunk sizes cannot be read and re-used with another SM count. ``get_dispatch_config`` /
+    ``get_combine_config`` read the class-wide ``Buffer.num_sms`` when called: it is raised to the sizing count
+    for these two calls and put back, so the kernels' SM count is unchanged. ValueError for rank counts DeepEP has
+    no config for."""
+    kernel_sms, sms = int(buffer_cls.num_sms), sizing_sms(buffer_cls, deep_ep_num_sm)
+    if sms != kernel_sms:
+        buffer_cls.set_num_sms(sms)
+    try:
+        return [buffer_cls.get_dispatch_config(ranks), buffer_cls.get_combine_config(ranks)]
+    except AssertionError as exc:
+        raise ValueError(f"legacy normal mode has no DeepEP config for ep_size={ranks}: {exc}") from exc
+    finally:
+        if sms != kernel_sms:
+            buffer_cls.set_num_sms(kernel_sms)
 
 
 def deadline_kwargs(buffer_cls: Any, settings: SwitchSettings) -> dict[str, Any]:

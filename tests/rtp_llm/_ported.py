@@ -1,10 +1,12 @@
 """What replaces rtp-llm's test infrastructure in the ported tests (``mp.spawn`` / ``PortManager`` / Bazel's GPU
 pinning), shared by ``test_deepep_normal_router.py``, ``test_deepep_low_latency_router.py`` and ``test_deepep.py``.
 
-Every ported test runs twice per backend: on CPU (2 gloo ranks, deepep-switch's reference providers) and, marked
-``gpu``, on 2 GPUs (NCCL, real DeepEP). ``spawn_ranks`` starts the 2 ranks through ``deepep_switch.launch.spawn``
-(bounded by a timeout) with the environment a replica would have: ``RTP_LLM_DEEPEP_BACKEND`` and, so that a
-backend that cannot run fails the test instead of falling back, ``RTP_LLM_DEEPEP_STRICT=1``.
+Every ported test runs twice per generation (legacy, elastic, ep): on CPU (2 gloo ranks, deepep-switch's reference
+providers) and, marked ``gpu``, on 2 GPUs (NCCL, real DeepEP); a GPU row whose generation this process cannot run
+(elastic on the DeepEP 2.5 stack, ep on the 2.1 stack) is skipped with preflight's reason (``tests/_generations``).
+``spawn_ranks`` starts the 2 ranks through ``deepep_switch.launch.spawn`` (bounded by a timeout) with the
+environment a replica would have: ``RTP_LLM_DEEPEP_BACKEND`` and, so that a backend that cannot run fails the test
+instead of falling back, ``RTP_LLM_DEEPEP_STRICT=1``.
 """
 
 from __future__ import annotations
@@ -17,26 +19,36 @@ from typing import Any, Callable, Optional, Sequence
 import pytest
 import torch
 
+from _generations import GENERATIONS, GPU_ENV, V2_GENERATIONS, why_not
 from deepep_switch.launch import free_port, spawn
 
 # The stand-in's collective_torch reads it: "gloo" (CPU ranks) or "nccl" (GPU ranks).
 DIST_BACKEND_ENV = "RTP_LLM_STANDIN_DIST_BACKEND"
 # Read at collection, before the suite's per-test environment cleaning: a GPU host without RDMA NICs needs
-# EP_DISABLE_GIN=1 for ElasticBuffer (its install script sets it).
-_EP_DISABLE_GIN = os.environ.get("EP_DISABLE_GIN")
+# EP_DISABLE_GIN=1 for ElasticBuffer and EPBuffer (its install script sets it).
+_EP_DISABLE_GIN = GPU_ENV["EP_DISABLE_GIN"]
 
 CPU, GPU = "cpu", "gpu"
 
 
-def variants(gpu_marks: Optional[dict[str, Any]] = None, cpu_marks: Optional[dict[str, Any]] = None) -> list[Any]:
-    """``(where, backend)`` parameters: both backends on CPU and (marked ``gpu``) on GPU. ``*_marks`` add marks
-    (e.g. an xfail) to one backend's variant."""
+def variants(gpu_marks: Optional[dict[str, Any]] = None, cpu_marks: Optional[dict[str, Any]] = None,
+             backends: Sequence[str] = GENERATIONS) -> list[Any]:
+    """``(where, backend)`` parameters: every generation on CPU and (marked ``gpu``) on GPU, a GPU row this process
+    cannot run marked skip with preflight's reason. ``*_marks`` add marks to one backend's variant."""
     out = []
     for where, extra in ((CPU, cpu_marks or {}), (GPU, gpu_marks or {})):
-        for backend in ("legacy", "elastic"):
+        for backend in backends:
             marks = ([pytest.mark.gpu] if where == GPU else []) + list(extra.get(backend, []))
+            reason = why_not(backend) if where == GPU else None
+            if reason:
+                marks.append(pytest.mark.skip(reason=f"{backend} cannot run in this process: {reason}"))
             out.append(pytest.param(where, backend, marks=marks, id=f"{where}-{backend}"))
     return out
+
+
+def is_v2(backend: str) -> bool:
+    """An NCCL-based generation (ElasticBuffer, EPBuffer): no V1 calls on ``wrapper.buffer``, hidden % 256."""
+    return backend in V2_GENERATIONS
 
 
 def spawn_ranks(fn: Callable[..., Any], where: str, backend: str, args: Sequence[Any] = (), timeout_s: float = 240,
@@ -117,17 +129,8 @@ def run_subtests(subtests: Sequence[tuple[str, Callable[[], Any]]]) -> dict[str,
     return results
 
 
-class LibraryDifference(AssertionError):
-    """A ported check failed the way an xfail names: deepep-switch behaves differently from rtp-llm there."""
-
-
-def check_subtest(results: list[dict[str, Optional[str]]], name: str, expected_failure: Optional[str] = None) -> None:
-    """Fail with the ranks' tracebacks if ``name`` failed on any rank; a failure containing ``expected_failure``
-    raises :class:`LibraryDifference` (what the test's ``xfail(strict=True, raises=LibraryDifference)`` expects)."""
+def check_subtest(results: list[dict[str, Optional[str]]], name: str) -> None:
+    """Fail with the ranks' tracebacks if ``name`` failed on any rank."""
     failures = [f"rank {rank}:\n{r[name]}" for rank, r in enumerate(results) if r[name] is not None]
-    if not failures:
-        return
-    text = "\n".join(failures)
-    if expected_failure is not None and expected_failure in text:
-        raise LibraryDifference(text)
-    raise AssertionError(text)
+    if failures:
+        raise AssertionError("\n".join(failures))

@@ -14,14 +14,16 @@ here as pytest functions on both ``RTP_LLM_DEEPEP_BACKEND`` values, on CPU (refe
   FP8 UE8M0) checking per local expert the count (also against ``cumulative_local_expert_recv_stats``),
   ``handle[1]`` (layout_range), the rows' values and ``handle[0]`` (src_info); ``low_latency_combine`` with and
   without ``zero_copy`` has no NaN.
-* ``test_deepep_normal_expert_alignment``: ``dispatch(expert_alignment=4)`` FP8 then bf16: aligned counts.
+* ``test_deepep_normal_expert_alignment``: ``dispatch(expert_alignment=4)`` FP8 then bf16: aligned counts (at
+  hidden 128 on legacy, as the original; at hidden 256 on elastic and ep, see ``ALIGNMENT_HIDDEN``).
 * ``test_deepep_low_latency_m2n``, ``test_deepep_low_latency_per_token_quant``: ACCL-EP only (see each).
 * ``test_init_sp_deepep_wrapper``: under speculative decoding the low-latency budget is 32 x (4 + 1) = 160
   tokens, 256 per rank, and ``get_instance`` finds the wrapper with it.
 
-**On elastic** the V1 calls on ``wrapper.buffer`` have no meaning (an ``ElasticBuffer`` has no layout, no
-``Config``, no low-latency kernels). Each test then asserts that the direct V1 call raises deepep-switch's guard
-``AttributeError`` (naming ``RTP_LLM_DEEPEP_BACKEND=elastic``), and runs the same data through deepep-switch's
+**On elastic and ep** (DeepEP 2.1's ``ElasticBuffer``, 2.5's ``EPBuffer``) the V1 calls on ``wrapper.buffer`` have
+no meaning (neither buffer has a layout call, a ``Config`` or low-latency kernels). Each test then asserts that the
+direct V1 call raises deepep-switch's guard ``AttributeError`` (naming ``RTP_LLM_DEEPEP_BACKEND=<the generation>``),
+and runs the same data through deepep-switch's
 routers on that wrapper instead, keeping every check that has a counterpart there: received rows and per-expert
 counts (``NormalRouter`` payloads and ``router.handle[0]``), low-latency counts, rows and src_info/layout_range
 (``LowLatencyRouter``'s handle view), combine. What has none is said next to it.
@@ -45,8 +47,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from _ported import (CPU, GPU, LibraryDifference, assert_backend, check_subtest, free_ports, install_and_import,
-                     run_subtests, set_device, spawn_ranks, variants)
+from _ported import (CPU, GPU, assert_backend, check_subtest, free_ports, install_and_import, is_v2, run_subtests,
+                     set_device, spawn_ranks, variants)
 
 # The original file's imports (less server_args / server_config_setup / bench_util / PortsContext, see the
 # tests using them), bound by install_and_import() in each rank after routers.rtp_llm.install().
@@ -64,7 +66,7 @@ IMPORTS = [
     ("rtp_llm.test.utils.numeric_util", ["calc_diff", "hash_tensor", "per_token_cast_back", "per_token_cast_to_fp8"]),
 ]
 
-# What the elastic variants (and the per-token-quant check) use besides rtp-llm's names.
+# What the elastic and ep variants (and the per-token-quant check) use besides rtp-llm's names.
 SWITCH_IMPORTS = [
     ("routers", ["CombineForwardPayload", "LowLatencyRouter", "NormalRouter", "RouterOptions"]),
     ("deepep_switch.quant", ["Quant"]),
@@ -80,16 +82,16 @@ EngineConfig = ModelConfig = PyEnvConfigs = destroy_distributed_environment = in
     per_token_cast_back = per_token_cast_to_fp8 = CombineForwardPayload = LowLatencyRouter = NormalRouter = \
     RouterOptions = Quant = FusedMoEQuantConfig = DeepEpLowLatencyRouter = None
 
-GUARD = "RTP_LLM_DEEPEP_BACKEND=elastic"  # in the AttributeError deepep-switch's guard raises for V1 calls
-
-
 def _elastic() -> bool:
-    return os.environ["RTP_LLM_DEEPEP_BACKEND"] == "elastic"
+    """This rank runs an NCCL-based generation (elastic or ep): V1 calls on ``wrapper.buffer`` are refused and the
+    tests go through the routers."""
+    return is_v2(os.environ["RTP_LLM_DEEPEP_BACKEND"])
 
 
 def _v1_call_is_refused(call, name: str) -> None:
-    """On elastic: ``wrapper.buffer.<V1 method>(...)`` raises the guard's AttributeError naming the backend."""
-    with pytest.raises(AttributeError, match=GUARD) as info:
+    """On elastic and ep: ``wrapper.buffer.<V1 method>(...)`` raises the guard's AttributeError naming the backend."""
+    guard = f"RTP_LLM_DEEPEP_BACKEND={os.environ['RTP_LLM_DEEPEP_BACKEND']}"  # in the guard's AttributeError
+    with pytest.raises(AttributeError, match=guard) as info:
         call()
     assert repr(name) in str(info.value) and "RTP_LLM_DEEPEP_BACKEND=legacy" in str(info.value)
 
@@ -356,7 +358,7 @@ class DeepEPTest:
     @staticmethod
     def _test_intranode_router_main(num_tokens: int, hidden: int, num_experts: int, num_topk: int, num_sms: int,
                                     local_rank: int, num_ranks: int, rank: int, wrapper, group: dist.ProcessGroup):
-        """Elastic: ``_test_intranode_main``'s data and checks through deepep-switch's ``NormalRouter``."""
+        """Elastic and ep: ``_test_intranode_main``'s data and checks through deepep-switch's ``NormalRouter``."""
         buffer = wrapper.buffer
         d = _intranode_inputs(num_tokens, hidden, num_experts, num_topk, num_ranks, rank, group)
         x, x_pure_rand, x_e4m3 = d["x"], d["x_pure_rand"], d["x_e4m3"]
@@ -365,7 +367,7 @@ class DeepEPTest:
         gbl_num_tokens_per_rank = d["gbl_num_tokens_per_rank"]
         is_token_in_rank = d["is_token_in_rank"]
 
-        # get_dispatch_layout is V1 (an ElasticBuffer computes its layout inside dispatch): refused clearly. The
+        # get_dispatch_layout is V1 (ElasticBuffer/EPBuffer compute the layout inside dispatch): refused clearly. The
         # layout it would return is what the dispatches below must realise (rows per rank, counts per expert).
         _v1_call_is_refused(lambda: buffer.get_dispatch_layout(topk_idx, num_experts), "get_dispatch_layout")
 
@@ -391,7 +393,7 @@ class DeepEPTest:
             recv_topk_idx, recv_topk_weights = payload.expert_topk_ids, payload.expert_topk_weights
             recv_num_tokens_per_expert_list = payload.expert_tokens_meta.expert_num_tokens_cpu
 
-            rank_prefix_matrix = router.handle[0]  # a collective on elastic: every rank reads it
+            rank_prefix_matrix = router.handle[0]  # a collective on elastic and ep: every rank reads it
             assert gbl_num_tokens_per_rank[rank].item() == recv_x.size(0), \
                 f"{gbl_num_tokens_per_rank[rank].item()} != {recv_x.size(0)}"
             assert gbl_num_tokens_per_expert.view(num_ranks, -1)[rank].tolist() == recv_num_tokens_per_expert_list
@@ -568,7 +570,8 @@ class DeepEPTest:
     @staticmethod
     def _test_low_latency_router_main(num_tokens: int, hidden: int, num_experts: int, num_topk: int, rank: int,
                                       num_ranks: int, group: ProcessGroup, wrapper, seed: int = 0):
-        """Elastic: ``_test_low_latency_main``'s data and checks through deepep-switch's ``LowLatencyRouter``."""
+        """Elastic and ep: ``_test_low_latency_main``'s data and checks through deepep-switch's
+        ``LowLatencyRouter``."""
         buffer = wrapper.buffer
         torch.manual_seed(seed + rank)
         random.seed(seed + rank)
@@ -583,7 +586,7 @@ class DeepEPTest:
         for i in range(10):
             topk_idx[random.randint(0, num_tokens - 1), random.randint(0, num_topk - 1)] = -1
 
-        # The V1 low-latency kernels do not exist on an ElasticBuffer: refused clearly.
+        # The V1 low-latency kernels do not exist on an ElasticBuffer or EPBuffer: refused clearly.
         _v1_call_is_refused(lambda: buffer.low_latency_dispatch(x, topk_idx, num_tokens, num_experts),
                             "low_latency_dispatch")
         _v1_call_is_refused(lambda: buffer.get_next_low_latency_combine_buffer(None),
@@ -699,7 +702,7 @@ class DeepEPTest:
         dist.all_reduce(gbl_num_tokens_per_rank, group=group)
 
         if wrapper is not None:
-            # Elastic: the V1 layout call is refused; the dispatches go through NormalRouter(expert_alignment=4),
+            # Elastic and ep: the V1 layout call is refused; the dispatches go through NormalRouter(expert_alignment=4),
             # FP8 (the router quantises x as per_token_cast_to_fp8 did) then bf16, with the same checks. The router
             # has no async_finish/Config; its handle is closed by a finalize the original does not have.
             _v1_call_is_refused(lambda: buffer.get_dispatch_layout(topk_idx, num_experts), "get_dispatch_layout")
@@ -755,7 +758,7 @@ class DeepEPTest:
                                                use_logfmt: bool = False, seed: int = 0):
         """ACCL-EP only: every dispatch passes ``pertoken_quant=True`` (one FP8 scale per token), which upstream
         DeepEP's ``low_latency_dispatch`` does not have. Ported up to the first dispatch (same data), which must be
-        refused clearly: a TypeError naming ``pertoken_quant`` on legacy, deepep-switch's guard on elastic. The
+        refused clearly: a TypeError naming ``pertoken_quant`` on legacy, deepep-switch's guard on elastic and ep. The
         rest (the §3.2 checks with per-token scales; combine diffs only printed) cannot run on upstream DeepEP."""
         torch.manual_seed(seed + rank)
         random.seed(seed + rank)
@@ -942,7 +945,7 @@ class DeepEPTest:
     def _run_deepep_normal_expert_alignment_test(rank: int, num_ranks: int):
         # set env (rtp-llm also sets CUDA_VISIBLE_DEVICES; launch.spawn has pinned the rank already)
         # init params
-        args = {"moe_k": 2, "expert_num": 4, "hidden_size": 128}
+        args = {"moe_k": 2, "expert_num": 4, "hidden_size": ALIGNMENT_HIDDEN["v2" if _elastic() else "legacy"]}
         nccl_comm_config, nccl_init_port, engine_config, model_config = DeepEPTest._create_deepep_config(
             rank, num_ranks, args, use_deepep_low_latency=False, enable_ffn_disaggregate=False)
         # init distributed environment
@@ -1146,6 +1149,14 @@ CPU_ARGS = dict(max_seq_len=128, ll_hidden_size=1024, overlap_gemm_size=64)
 
 NUM_SMS_ENV = {"RTP_LLM_DEEPEP_NUM_SMS": "24"}
 
+# test_deepep_normal_expert_alignment's hidden size. The original uses 128 with V1 dispatch (legacy keeps it). Real
+# ElasticBuffer's and EPBuffer's combine kernels static-assert hidden % 256 == 0 (deepep-switch's elastic and ep
+# routers refuse other sizes on real DeepEP: deepep_switch/backends/elastic.py check_hidden), so on those
+# generations the test runs at 256, the smallest size they compile, on CPU as on GPU. Nothing it checks depends on
+# the hidden size: x is (rank + 1) everywhere but channel 1 (the token index), the routing, counts and alignment
+# are hidden-free, and per_token_cast_to_fp8 quantises 256 channels as two 128-channel blocks.
+ALIGNMENT_HIDDEN = {"legacy": 128, "v2": 256}
+
 
 def _args(sizes: dict) -> tuple[dict, dict]:
     """The original test methods' ``args`` for the normal and low-latency tests, from the class's size lists."""
@@ -1207,9 +1218,9 @@ def ranks():
     def get(where: str, backend: str) -> list[dict]:
         if (where, backend) not in done:
             sizes = CPU_ARGS if where == CPU else {}
-            # On a real ElasticBuffer, handle[1] (read by the low-latency test) needs rows grouped by source rank
-            # inside each expert: deterministic mode (the reference groups them either way).
-            env = {"RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC": "1"} if (where, backend) == (GPU, "elastic") else {}
+            # On a real ElasticBuffer or EPBuffer, handle[1] (read by the low-latency test) needs rows grouped by
+            # source rank inside each expert: deterministic mode (the reference groups them either way).
+            env = {"RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC": "1"} if where == GPU and is_v2(backend) else {}
             done[(where, backend)] = spawn_ranks(_rank_main, where, backend, args=(sizes, free_ports(8)),
                                                  timeout_s=560, extra_env=env)
         return done[(where, backend)]
@@ -1217,39 +1228,24 @@ def ranks():
     return get
 
 
-# rtp-llm sizes the legacy normal buffer with int(2e9) NVL bytes, so any Config fits; deepep-switch sizes it from
-# DeepEP's hints for the default Config at Buffer.num_sms (20 unless RTP_LLM_DEEPEP_NUM_SMS is set) and ignores
-# rtp-llm's deep_ep_num_sm (24 here). This test dispatches with DeepEPConfig(24, 8, 256): 12 channels x 2 ranks
-# x 256 ring rows of 7168 bf16 channels; its first dispatch (no top-k) needs 88,105,360 NVL bytes against the
-# 83,927,552 allocated, and DeepEP's EP_HOST_ASSERT (csrc/legacy/buffer.hpp) refuses it, as does the reference.
-NVL_BYTES = pytest.mark.xfail(
-    strict=True, raises=LibraryDifference,
-    reason="deepep-switch sizes the legacy normal buffer for the default Config at Buffer.num_sms=20 "
-           "(deepep_switch/backends/legacy.py plan(): 83,927,552 NVL bytes at EP2, hidden 7168), ignoring "
-           "deep_ep_num_sm=24; rtp-llm allocates int(2e9) (deepep_wrapper.py:537), so rtp-llm code dispatching "
-           "with DeepEPConfig(wrapper.num_sms=24, 8, 256) (deepep_test.py:189) overflows: DeepEP asserts "
-           "'... <= num_nvl_bytes' in dispatch")
-# Real ElasticBuffer's combine kernel static-asserts hidden % 256 == 0, so deepep-switch's elastic routers refuse
-# hidden 128 when built on real DeepEP (deepep_switch/backends/elastic.py check_hidden); the reference accepts it.
-HIDDEN_256 = pytest.mark.xfail(
-    strict=True, raises=LibraryDifference,
-    reason="the elastic routers refuse hidden=128 on real DeepEP (ElasticBuffer combine needs hidden % 256 == 0, "
-           "deepep_switch/backends/elastic.py check_hidden); rtp-llm's test uses hidden 128 with V1 dispatch")
-
-
+# rtp-llm sizes the legacy normal buffer with int(2e9) NVL bytes, so any Config fits. deepep-switch sizes it from
+# DeepEP's hints for the larger of Buffer.num_sms (20 unless RTP_LLM_DEEPEP_NUM_SMS is set) and rtp-llm's
+# deep_ep_num_sm (24 here; deepep_switch/backends/legacy.py sizing_sms): this test dispatches with
+# DeepEPConfig(24, 8, 256), 12 channels x 2 ranks x 256 ring rows of 7168 bf16 channels, whose first dispatch (no
+# top-k) needs 88,105,360 NVL bytes; sized for 20 SMs (83,927,552 bytes) DeepEP's EP_HOST_ASSERT
+# (csrc/legacy/buffer.hpp) would refuse it, as the reference does.
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("where,backend", variants(gpu_marks={"legacy": [NVL_BYTES]},
-                                                   cpu_marks={"legacy": [NVL_BYTES]}))
+@pytest.mark.parametrize("where,backend", variants())
 def test_deepep_normal(ranks, where, backend):
-    check_subtest(ranks(where, backend), "normal", expected_failure="num_nvl_bytes")
+    check_subtest(ranks(where, backend), "normal")
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("where", [CPU, pytest.param(GPU, marks=pytest.mark.gpu)])
-def test_deepep_normal_with_the_num_sms_knob(ranks, where):
+@pytest.mark.parametrize("where,backend", variants(backends=("legacy",)))
+def test_deepep_normal_with_the_num_sms_knob(ranks, where, backend):
     """``test_deepep_normal`` on legacy with ``RTP_LLM_DEEPEP_NUM_SMS=24``, deepep-switch's setting for the SM
-    count rtp-llm passes as ``deep_ep_num_sm``: the buffer is sized for the test's Config and every check runs."""
-    check_subtest(ranks(where, "legacy"), "normal_num_sms_knob")
+    count of the kernels themselves (rtp-llm's ``deep_ep_num_sm`` only sizes the buffer): every check runs."""
+    check_subtest(ranks(where, backend), "normal_num_sms_knob")
 
 
 @pytest.mark.timeout(600)
@@ -1265,9 +1261,11 @@ def test_deepep_low_latency_m2n(ranks, where, backend):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("where,backend", variants(gpu_marks={"elastic": [HIDDEN_256]}))
+@pytest.mark.parametrize("where,backend", variants())
 def test_deepep_normal_expert_alignment(ranks, where, backend):
-    check_subtest(ranks(where, backend), "normal_expert_alignment", expected_failure="hidden % 256")
+    """On elastic and ep at hidden 256 (``ALIGNMENT_HIDDEN``), on CPU and GPU alike: the same data, routing and
+    checks; the aligned counts do not depend on the hidden size."""
+    check_subtest(ranks(where, backend), "normal_expert_alignment")
 
 
 @pytest.mark.timeout(600)

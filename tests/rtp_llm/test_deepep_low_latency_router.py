@@ -7,10 +7,11 @@ What it checks (unchanged), for FP8 and bf16 dispatch and attention TP 1 and 2 o
 expert, exactly the reference rows once they are put back in (source rank, token) order with ``router.handle[0]``
 (src_info) and ``router.handle[1]`` (layout_range); ``expert_num_tokens`` equals the reference counts (int32);
 and finalize's weighted combine (8 x 1/8) gives back the tokens. Here the router is deepep-switch's, bound under
-rtp-llm's name by ``routers.rtp_llm.install()``, and ``router.handle`` is indexable on both backends. On a real
-``ElasticBuffer`` ``handle[1]`` needs rows grouped by source rank inside each expert, which DeepEP V2 guarantees
-only when built deterministic: the GPU elastic variant sets ``RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC=1`` (the
-reference provider groups them either way, so the CPU variant runs V2's default, shuffled order).
+rtp-llm's name by ``routers.rtp_llm.install()``, and ``router.handle`` is indexable on every generation. On a real
+``ElasticBuffer`` or ``EPBuffer`` ``handle[1]`` needs rows grouped by source rank inside each expert, which DeepEP
+V2 guarantees only when built deterministic: the GPU elastic and ep variants set
+``RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC=1`` (the reference provider groups them either way, so the CPU variants run
+V2's default, shuffled order).
 
 Replaced infrastructure only: ``mp.spawn`` (one per configuration) + ``PortManager`` -> one
 ``deepep_switch.launch.spawn`` per backend whose ranks run the 4 configurations in the original order, each
@@ -26,7 +27,7 @@ import os
 import pytest
 import torch
 
-from _ported import (GPU, assert_backend, device, free_ports, install_and_import, set_device, spawn_ranks,
+from _ported import (GPU, assert_backend, device, free_ports, install_and_import, is_v2, set_device, spawn_ranks,
                      variants)
 
 IMPORTS = [
@@ -309,7 +310,7 @@ def _rank_main(rank: int, world_size: int, hidden_size: int, ports: list[int]) -
 @pytest.mark.parametrize("where,backend", variants())
 def test_deepep_low_latency_router(where: str, backend: str):
     world_size = 2
-    env = {"RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC": "1"} if (where, backend) == (GPU, "elastic") else {}
+    env = {"RTP_LLM_DEEPEP_ELASTIC_DETERMINISTIC": "1"} if where == GPU and is_v2(backend) else {}
     hidden = HIDDEN_SIZE if where == GPU else CPU_HIDDEN_SIZE
     results = spawn_ranks(_rank_main, where, backend, args=(hidden, free_ports(4)), timeout_s=400, extra_env=env)
     assert results == [[(True, 1), (True, 2), (False, 1), (False, 2)]] * world_size

@@ -7,7 +7,7 @@ expert_alignment=1)`` with 16 experts, top-16 (every token to every expert), hid
 iterations of prepare -> dequantise -> finalize: ``expert_num_tokens_cpu`` is the list ``[T] * 8``, and the
 combined output's first 128 channels equal ``per_token_cast_back(trt_fp8_quantize_128(a1)) * world_size`` (the
 unweighted sum over the 2 destination ranks after the TP gather). Here the router is deepep-switch's, bound under
-rtp-llm's name by ``routers.rtp_llm.install()``, on both ``RTP_LLM_DEEPEP_BACKEND`` values.
+rtp-llm's name by ``routers.rtp_llm.install()``, on every ``RTP_LLM_DEEPEP_BACKEND`` generation.
 
 Replaced infrastructure only: ``mp.Process`` + ``PortManager`` -> ``deepep_switch.launch.spawn`` (2 ranks, bounded)
 + free ports; ``cuda:{rank}`` -> the rank's device (GPU variants) or the CPU (reference providers, gloo);
