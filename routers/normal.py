@@ -37,7 +37,8 @@ class PinnedCountsUploader:
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.device = device
-        self._staging = torch.empty((self.SLOTS, max(size, 1)), dtype=torch.int32, pin_memory=True)
+        # device='cpu' explicitly: engines (rtp-llm's tests among them) run under torch.device('cuda') as the default
+        self._staging = torch.empty((self.SLOTS, max(size, 1)), dtype=torch.int32, device="cpu", pin_memory=True)
         self._rows = [self._staging[i].numpy() for i in range(self.SLOTS)]
         self._events = [torch.cuda.Event() for _ in range(self.SLOTS)]
         self._recorded = [False] * self.SLOTS

@@ -143,7 +143,10 @@ def test_soak_random_shapes_every_generation_both_routers(world):
             assert m["checked"] >= iters // 30, m
             assert m["worst_bf16"] <= 1e-2 and m["worst_fp8"] <= 6e-2, (key, m)  # bf16 rounding; e4m3 steps
             first, last = m["reserved"]
-            assert abs(last - first) <= 0.01 * max(first, 1), (key, m)
+            # The caching allocator still meets new random shapes late in the run: its cache may grow by a few
+            # segments (14 MiB seen on 2 H200, 20:09 UTC). A leak of 13 KB per round trip over the second half
+            # would exceed this bound.
+            assert last - first <= max(0.01 * first, 64 * 2**20), (key, m)
 
 
 # ---------------------------------------------------------------------------------------------- cycles
@@ -180,7 +183,9 @@ def test_create_reset_cycles():
     record_gpu_results("gpu_cycles", results)
     for r in results:
         assert r["backends"] == sorted(backends), r
-        assert r["reserved"][1] <= r["reserved"][0], r
+        # one 2 MiB block may stay cached (an NCCL barrier's tensor, seen on 2 H200); a leaked buffer per cycle
+        # would be 4 MiB (elastic) to 455 MiB (legacy low-latency) times 100
+        assert r["reserved"][1] <= r["reserved"][0] + 2 * 2**20, r
         assert r["free_delta_mib"] <= 64, r  # device memory outside PyTorch's allocator returned too
 
 

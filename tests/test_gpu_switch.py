@@ -210,6 +210,9 @@ def test_outputs_match_the_dense_moe_after_every_switch(results):
         assert {k.split("/")[2] for k in r["errors"] if k.startswith("auto/")} == {"NORMAL", "LOW_LATENCY"}
 
 
+@pytest.mark.xfail(strict=True, reason="2 H200, 2026-11-22 20:07 UTC: a low-latency graph captured on legacy replays "
+                   "with relative error 1.0 after a switch, onto the kept buffer too; root cause open "
+                   "(docs/gpu-validation.md): recapture graphs after a switch")
 @pytest.mark.timeout(560)
 def test_kept_buffer_keeps_a_captured_graph_valid_and_is_reused(results):
     for rank, r in enumerate(results):
@@ -223,6 +226,9 @@ def test_kept_buffer_keeps_a_captured_graph_valid_and_is_reused(results):
         assert r["released"] == {"NORMAL": ["elastic"], "LOW_LATENCY": ["elastic"]}
 
 
+@pytest.mark.xfail(strict=True, reason="2 H200, 2026-11-22 20:07 UTC: after release_previous and reset, 237 MB more "
+                   "reserved by PyTorch and 272 MiB less free device memory than before create_both; not "
+                   "yet attributed (docs/gpu-validation.md)")
 @pytest.mark.timeout(560)
 def test_memory_back_to_baseline_after_release_and_reset(results):
     for r in results:

@@ -83,7 +83,7 @@ class _CudaReads:
 
     @staticmethod
     def submit(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host = torch.empty(values.shape, dtype=values.dtype, device="cpu", pin_memory=True)
         host.copy_(values, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
