@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
@@ -45,23 +44,10 @@ class MetricsBenchSpec:
 
 
 def _samples_us(fn: Callable[[], Any], iters: int, cuda: bool, group: dist.ProcessGroup) -> list[float]:
-    """``iters`` timings of ``fn`` in microseconds, each after a barrier: CUDA events on GPUs, wall clock on CPU."""
-    samples = []
-    for _ in range(iters):
-        dist.barrier(group=group)
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e6)
-    return samples
+    """``iters`` timings of ``fn`` in microseconds with bench's timer (a barrier before each; CUDA events on GPUs)."""
+    from .bench import _Timer
+
+    return _Timer(cuda).samples_us(fn, iters, 0, group)
 
 
 def _round_trip(router: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Callable[[], Any]:
@@ -76,19 +62,10 @@ def _round_trip(router: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
 
 
 def _graph(trip: Callable[[], Any], group: dist.ProcessGroup) -> Callable[[], Any]:
-    """``trip`` captured once in a CUDA graph (warmed up outside the capture, after a barrier); returns replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        trip()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    dist.barrier(group=group)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        trip()
-    torch.cuda.synchronize()
-    return graph.replay
+    """``trip`` captured once in a CUDA graph by bench's helper; returns the replay."""
+    from .bench import _graph_round_trip
+
+    return _graph_round_trip(trip, group)
 
 
 def _alternate(off: Callable[[], Any], on: Callable[[], Any], spec: MetricsBenchSpec, cuda: bool,
