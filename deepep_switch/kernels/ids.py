@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .select import triton_on_cuda
+
 logger = logging.getLogger("deepep_switch.kernels")
 
 IdCleaner = Callable[[torch.Tensor], torch.Tensor]
@@ -48,13 +50,11 @@ def id_cleaner_for(device: torch.device, num_topk: int, num_experts: int) -> tup
     """
     if num_topk == 1:
         return "torch", lambda ids: drop_out_of_range_torch(ids, num_experts)
-    if device.type == "cuda":
-        try:
-            from .triton_ids import drop_bad_ids_triton
 
-            drop_bad_ids_triton(torch.full((1, num_topk), -1, dtype=torch.int64, device=device), num_experts)
-        except Exception as exc:  # no Triton, or it cannot build here: correct but more launches
-            logger.warning("Triton id clean-up unavailable (%s); using the torch one", exc)
-        else:
-            return "triton", lambda ids: drop_bad_ids_triton(ids, num_experts)
-    return "torch", lambda ids: drop_bad_ids_torch(ids, num_experts)
+    def build() -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+        from .triton_ids import drop_bad_ids_triton
+
+        drop_bad_ids_triton(torch.full((1, num_topk), -1, dtype=torch.int64, device=device), num_experts)
+        return "triton", lambda ids: drop_bad_ids_triton(ids, num_experts)
+    return triton_on_cuda(device, build, ("torch", lambda ids: drop_bad_ids_torch(ids, num_experts)),
+                          "id clean-up", "using the torch one", logger)

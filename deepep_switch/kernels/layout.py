@@ -21,6 +21,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from .select import triton_on_cuda
+
 logger = logging.getLogger("deepep_switch.kernels")
 
 
@@ -79,15 +81,12 @@ TORCH_OPS = LayoutOps("torch", pack_rows_torch, unpack_rows_torch)
 
 def layout_ops_for(device: torch.device) -> LayoutOps:
     """Triton kernels on CUDA when Triton imports, else the torch versions."""
-    if device.type != "cuda":
-        return TORCH_OPS
-    try:
+    def build() -> LayoutOps:
         from .triton_layout import pack_rows_triton, unpack_rows_triton
-    except Exception as exc:  # no Triton, or one that cannot build for this GPU
-        logger.warning("Triton layout kernels unavailable (%s); the elastic low-latency path uses the slower "
-                       "torch conversion", exc)
-        return TORCH_OPS
-    return LayoutOps("triton", pack_rows_triton, unpack_rows_triton)
+
+        return LayoutOps("triton", pack_rows_triton, unpack_rows_triton)
+    return triton_on_cuda(device, build, TORCH_OPS, "layout kernels",
+                          "the elastic low-latency path uses the slower torch conversion", logger)
 
 
 def weight_rows_torch(rows: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -102,11 +101,9 @@ def row_weighter_for(device: torch.device) -> tuple[str, Callable[..., torch.Ten
     """``(name, weigh(rows, weights, total))``: the cheapest correct top-k weighting of expanded rows a hand-written
     elastic integration needs (V2's combine never weights): one Triton launch over the valid rows ``[0, total)``
     on CUDA, else :func:`weight_rows_torch` over every allocated row."""
-    if device.type == "cuda":
-        try:
-            from .triton_layout import weight_rows_triton
-        except Exception as exc:  # no Triton here
-            logger.warning("Triton row weighting unavailable (%s); using torch over every allocated row", exc)
-        else:
-            return "triton (valid rows)", weight_rows_triton
-    return "torch (all rows)", weight_rows_torch
+    def build() -> tuple[str, Callable[..., torch.Tensor]]:
+        from .triton_layout import weight_rows_triton
+
+        return "triton (valid rows)", weight_rows_triton
+    return triton_on_cuda(device, build, ("torch (all rows)", weight_rows_torch), "row weighting",
+                          "using torch over every allocated row", logger)

@@ -27,6 +27,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from .select import triton_on_cuda
+
 logger = logging.getLogger("deepep_switch.kernels")
 
 
@@ -135,12 +137,9 @@ TORCH_TOKEN_OPS = TokenLayoutOps("torch", pack_tokens_torch, _fold_torch)
 
 def token_ops_for(device: torch.device) -> TokenLayoutOps:
     """Triton kernels on CUDA when Triton imports, else the torch versions."""
-    if device.type != "cuda":
-        return TORCH_TOKEN_OPS
-    try:
+    def build() -> TokenLayoutOps:
         from .triton_token_layout import fold_tokens_triton, pack_tokens_triton
-    except Exception as exc:  # no Triton, or one that cannot build for this GPU
-        logger.warning("Triton token-layout kernels unavailable (%s); the elastic low-latency path uses the slower "
-                       "torch versions", exc)
-        return TORCH_TOKEN_OPS
-    return TokenLayoutOps("triton", pack_tokens_triton, fold_tokens_triton)
+
+        return TokenLayoutOps("triton", pack_tokens_triton, fold_tokens_triton)
+    return triton_on_cuda(device, build, TORCH_TOKEN_OPS, "token-layout kernels",
+                          "the elastic low-latency path uses the slower torch versions", logger)

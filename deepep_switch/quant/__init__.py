@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from ..kernels.select import triton_on_cuda
 from .fp8 import dequantize_fp8, quantize_fp8
 
 logger = logging.getLogger("deepep_switch.quant")
@@ -64,16 +65,14 @@ def quantizer_for(quant: Quant, device: torch.device) -> tuple[Optional[str], Qu
     if not quant.is_fp8:
         return None, _identity
     round_scale = quant.round_scale
-    if device.type == "cuda":
-        try:
-            from .triton_fp8 import quantize_fp8_triton
 
-            quantize_fp8_triton(torch.ones((1, 128), dtype=torch.bfloat16, device=device), round_scale)  # compiles
-        except Exception as exc:  # no Triton, or it cannot build here: correct but slower
-            logger.warning("Triton FP8 quantiser unavailable (%s); using the torch one", exc)
-        else:
-            return "triton", lambda x: quantize_fp8_triton(x, round_scale)
-    return "torch", lambda x: quantize_fp8(x, round_scale)
+    def build() -> tuple[Optional[str], Quantizer]:
+        from .triton_fp8 import quantize_fp8_triton
+
+        quantize_fp8_triton(torch.ones((1, 128), dtype=torch.bfloat16, device=device), round_scale)  # compiles
+        return "triton", lambda x: quantize_fp8_triton(x, round_scale)
+    return triton_on_cuda(device, build, ("torch", lambda x: quantize_fp8(x, round_scale)), "FP8 quantiser",
+                          "using the torch one", logger)
 
 
 # rtp-llm quant methods whose MoE activations are FP8 (they size the buffer for FP8 payloads).
