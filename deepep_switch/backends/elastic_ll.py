@@ -205,13 +205,17 @@ class ElasticLowLatencyPath:
         return self._combine(y, state)
 
     # ------------------------------------------------------------------ token layout
-    def _dispatch_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> LowLatencyDispatch:
-        payload = self.quantize(x)
+    def _send(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expand: bool) -> tuple[Any, ...]:
+        """Quantise and dispatch without host sync: ``(rows_x, rows_sf or None, recv_ids, recv_w, handle)``."""
         recv, recv_ids, recv_w, handle, _ = self.buffer.dispatch(
-            payload, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
+            self.quantize(x), topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
             num_max_tokens_per_rank=self.capacity, expert_alignment=1, num_sms=self.num_sms,
-            do_cpu_sync=False, do_expand=False)
+            do_cpu_sync=False, do_expand=expand)
         rows_x, rows_sf = recv if isinstance(recv, tuple) else (recv, None)
+        return rows_x, rows_sf, recv_ids, recv_w, handle
+
+    def _dispatch_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> LowLatencyDispatch:
+        rows_x, rows_sf, recv_ids, recv_w, handle = self._send(x, ids, weights, expand=False)
         valid = handle.psum_num_recv_tokens_per_scaleup_rank[-1:]  # on the device: no host sync
         expert_x, scales, dest, counts = self.ops.pack(rows_x, rows_sf, recv_ids, valid, self.num_local_experts,
                                                        self.slots)
@@ -225,12 +229,7 @@ class ElasticLowLatencyPath:
 
     # ------------------------------------------------------------------ expand layout
     def _dispatch_expand(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> LowLatencyDispatch:
-        payload = self.quantize(x)
-        recv, _, recv_w, handle, _ = self.buffer.dispatch(
-            payload, topk_idx=ids, topk_weights=weights, num_experts=self.num_experts,
-            num_max_tokens_per_rank=self.capacity, expert_alignment=1, num_sms=self.num_sms,
-            do_cpu_sync=False, do_expand=True)
-        rows_x, rows_sf = recv if isinstance(recv, tuple) else (recv, None)
+        rows_x, rows_sf, _, recv_w, handle = self._send(x, ids, weights, expand=True)
         counts = handle.num_unaligned_recv_tokens_per_expert
         end = handle.psum_num_recv_tokens_per_expert  # expand mode: psum[e] = start[e] + count[e]
         expert_x = self.ops.pack(rows_x, end, counts, self.slots)
