@@ -143,39 +143,41 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # ------------------------------------------------------------------------------------------------- CLI hook
 def add_parser(sub: Any) -> None:
-    """Add ``metrics-bench`` to ``deepep-switch``'s subcommands (``sub`` from ``add_subparsers``)."""
+    """Add ``metrics-bench`` to ``deepep-switch``'s subcommands (``sub`` from ``add_subparsers``), with the CLI's
+    shared argument types: bad values and unwritable paths are one-line usage errors before any rank starts."""
+    from .cli.common import backend_list, number, writable_file
+
+    positive, seconds = number(int, 1), number(float, 0.0, exclusive=True)
     p = sub.add_parser("metrics-bench", help="router round trips with RTP_LLM_DEEPEP_METRICS on vs off "
                                              "(normal at 4096 tokens, low-latency eager and in a CUDA graph)")
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--ranks", type=positive, default=2)
     p.add_argument("--provider", choices=["deep_ep", "reference"], default="deep_ep")
-    p.add_argument("--tokens", type=int, default=4096, help="normal-mode tokens per rank")
-    p.add_argument("--ll-tokens", type=int, default=128, help="low-latency tokens per rank")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--backends", default="legacy,elastic", help="comma separated")
-    p.add_argument("--json", default=None, help="also write the rows to this file")
-    p.add_argument("--timeout", type=float, default=540.0)
-    p.set_defaults(func=run, metrics_bench_parser=p)
+    p.add_argument("--tokens", type=positive, default=4096, help="normal-mode tokens per rank")
+    p.add_argument("--ll-tokens", type=positive, default=128, help="low-latency tokens per rank")
+    p.add_argument("--hidden", type=positive, default=7168)
+    p.add_argument("--experts", type=positive, default=64)
+    p.add_argument("--topk", type=positive, default=8)
+    p.add_argument("--iters", type=positive, default=30)
+    p.add_argument("--rounds", type=positive, default=3)
+    p.add_argument("--backends", type=backend_list, default=("legacy", "elastic"), help="comma separated")
+    p.add_argument("--json", type=writable_file, default=None, help="also write the rows to this file")
+    p.add_argument("--timeout", type=seconds, default=540.0)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Spawn the ranks, print the table (and write ``--json``); 0 on success."""
+    from .cli.common import UsageError
     from .launch import LaunchError, spawn
 
-    values = (args.ranks, args.tokens, args.ll_tokens, args.hidden, args.experts, args.topk, args.iters, args.rounds)
-    if min(values) < 1 or args.hidden % 128 or args.experts % args.ranks:
-        # the CLI's parser: its errors are the CLI's usage errors (exit status 2)
-        args.metrics_bench_parser.error("counts must be >= 1, --hidden a multiple of 128, --experts a multiple "
-                                        "of --ranks")
+    if args.hidden % 128 or args.experts % args.ranks:
+        raise UsageError("--hidden must be a multiple of 128 and --experts a multiple of --ranks")
     cuda = args.provider == "deep_ep"
     if cuda and torch.cuda.device_count() < args.ranks:  # the CLI reports it as one line, exit status 1
         raise LaunchError(f"--ranks {args.ranks} needs {args.ranks} CUDA GPUs; use --provider reference on CPU")
     spec = MetricsBenchSpec(normal_tokens=args.tokens, low_latency_tokens=args.ll_tokens, hidden=args.hidden,
                             num_experts=args.experts, topk=args.topk, iters=args.iters, rounds=args.rounds,
-                            backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()))
+                            backends=args.backends)
     print(f"deepep-switch metrics-bench: {args.ranks} ranks, provider={args.provider}, {spec}")
     if not cuda:
         print("note: CPU reference providers; these timings say nothing about DeepEP's speed")
