@@ -9,6 +9,7 @@
 #   scripts/gpu-validate.sh rtp-llm [PATH]   # rtp-llm's DeepEP tests ported onto the stand-in (tests/rtp_llm; 2 GPUs)
 #   scripts/gpu-validate.sh bench N [bench args...]   # deepep-switch bench on N ranks
 #   scripts/gpu-validate.sh switch    # test_gpu_switch.py: live switches, kept buffers, both modes (2 GPUs)
+#   scripts/gpu-validate.sh ab [N] [ab args...]  # deepep-switch ab on N ranks (default 2, legacy vs elastic), --out $OUT/ab-epN
 #   scripts/gpu-validate.sh metrics-bench [N] [args...]  # RTP_LLM_DEEPEP_METRICS on vs off, N ranks (default 2)
 #   scripts/gpu-validate.sh perf [tables|sweep|all]   # the performance run (2 GPUs): tables <= 9.5 min (~4 expected),
 #       sweep <= 9.5 min (~4 expected, mostly DeepEP JIT compiles per num_sms and token count);
@@ -60,6 +61,15 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/gpu-switch.log" 2>&1
     timeout 590 python3 -m pytest -m gpu tests/test_gpu_switch.py -v -p no:cacheprovider --timeout 580 \
       -o addopts="" -rxX 2>&1 | tee -a "$OUT/gpu-switch.log"
+    ;;
+  ab)
+    # deepep-switch ab on real DeepEP: legacy vs elastic (or --a/--b given after N) on the same inputs; writes
+    # $OUT/ab-epN/ab.json and the latency plots.
+    n=${2:-2}
+    stamp "ab EP$n" | tee "$OUT/ab-ep$n.log"
+    shift 2 || shift $#
+    EP_DISABLE_GIN=${EP_DISABLE_GIN:-1} timeout 580 python3 -m deepep_switch.cli ab --ranks "$n" --timeout 560 \
+      --out "$OUT/ab-ep$n" "$@" 2>&1 | tee -a "$OUT/ab-ep$n.log"
     ;;
   metrics-bench)
     n=${2:-2}
@@ -178,7 +188,7 @@ PY
     cat "$summary"
     ;;
   *)
-    echo "usage: $0 core|routers|validation|reliability [K]|rtp-llm|bench N|switch|metrics-bench [N]|perf [tables|sweep|all]|v25 [STEP,...]" >&2
+    echo "usage: $0 core|routers|validation|reliability [K]|rtp-llm|bench N|switch|ab [N]|metrics-bench [N]|perf [tables|sweep|all]|v25 [STEP,...]" >&2
     exit 2
     ;;
 esac
