@@ -352,42 +352,59 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def write_plots(report: dict[str, Any], directory: str) -> tuple[list[str], Optional[str]]:
-    """One PNG per mode: latency vs tokens per side, median line and p10-p90 band (matplotlib, Agg backend).
+    """One PNG per mode (``latency_<mode>.png``, drawn by :func:`latency_figure`) under ``directory``.
 
     Returns ``(paths written, None)``, or ``([], why)`` when matplotlib is not installed.
     """
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError as exc:
         return [], f"matplotlib is not installed ({exc}); pip install matplotlib to get them"
     written = []
-    note = f"\n{REFERENCE_NOTE}" if report["meta"].get("reference_numbers") else ""
     for mode in MODES:
-        fig = Figure(figsize=(7, 4.5), dpi=110)
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        for name, side in report["sides"].items():
-            rows = sorted((r for r in report["latency"] if r["mode"] == mode and r["side"] == name),
-                          key=lambda r: r["tokens"])
-            tokens = [r["tokens"] for r in rows]
-            line, = ax.plot(tokens, [r["median_us"] for r in rows], marker="o", label=f"{name}: {side['label']}")
-            ax.fill_between(tokens, [r["p10_us"] for r in rows], [r["p90_us"] for r in rows], alpha=0.25,
-                            color=line.get_color(), label=f"{name}: p10-p90")
-        swept = sorted({r["tokens"] for r in report["latency"] if r["mode"] == mode})
-        if len(swept) > 1:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(swept, [str(t) for t in swept])
-        ax.minorticks_off()
-        ax.set_xlabel("tokens per rank")
-        ax.set_ylabel("round trip (us), slowest rank")
-        meta = report["meta"]
-        ax.set_title(f"deepep-switch ab: {mode}, {meta['ranks']} ranks, {meta['provider']} on {meta['device']}{note}",
-                     fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
         path = os.path.join(directory, f"latency_{mode}.png")
-        fig.savefig(path)
+        latency_figure(report, mode).savefig(path)
         written.append(path)
     return written, None
+
+
+def latency_figure(report: dict[str, Any], mode: str) -> Any:
+    """A matplotlib ``Figure`` (Agg canvas): latency vs tokens per side for ``mode``, the median line and a p10-p90
+    band; where a side timed CUDA-graph replays (low-latency on GPUs) they are a dashed line and band in the side's
+    colour. Needs matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    note = f"\n{REFERENCE_NOTE}" if report["meta"].get("reference_numbers") else ""
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, side in report["sides"].items():
+        rows = sorted((r for r in report["latency"] if r["mode"] == mode and r["side"] == name),
+                      key=lambda r: r["tokens"])
+        tokens = [r["tokens"] for r in rows]
+        graphs = [r for r in rows if r.get("graph")]
+        eager = " (eager)" if graphs else ""
+        line, = ax.plot(tokens, [r["median_us"] for r in rows], marker="o", label=f"{name}: {side['label']}{eager}")
+        ax.fill_between(tokens, [r["p10_us"] for r in rows], [r["p90_us"] for r in rows], alpha=0.25,
+                        color=line.get_color(), label=f"{name}: p10-p90")
+        if graphs:
+            g_tokens = [r["tokens"] for r in graphs]
+            ax.plot(g_tokens, [r["graph"]["median_us"] for r in graphs], marker="s", linestyle="--",
+                    color=line.get_color(), label=f"{name}: CUDA graph")
+            ax.fill_between(g_tokens, [r["graph"]["p10_us"] for r in graphs],
+                            [r["graph"]["p90_us"] for r in graphs], alpha=0.12, color=line.get_color())
+    swept = sorted({r["tokens"] for r in report["latency"] if r["mode"] == mode})
+    if len(swept) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(swept, [str(t) for t in swept])
+    ax.minorticks_off()
+    ax.set_xlabel("tokens per rank")
+    ax.set_ylabel("round trip (us), slowest rank")
+    meta = report["meta"]
+    ax.set_title(f"deepep-switch ab: {mode}, {meta['ranks']} ranks, {meta['provider']} on {meta['device']}{note}",
+                 fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

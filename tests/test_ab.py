@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -59,6 +60,27 @@ def test_ab_default_sides_on_reference_providers(tmp_path):
     else:
         for mode in ("normal", "low_latency"):
             assert (out / f"latency_{mode}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_ab_plots_draw_graph_replays_where_a_side_timed_them(tmp_path):
+    """GPU reports carry a ``graph`` spread per low-latency point: the plot draws it as a second, dashed series."""
+    pytest.importorskip("matplotlib")
+    from deepep_switch.ab import latency_figure, write_plots
+
+    def point(mode, tokens, side, us, graph_us):
+        spread = {"median_us": us, "p10_us": us - 1, "p90_us": us + 1}
+        graph = None if graph_us is None else {"median_us": graph_us, "p10_us": graph_us - 1, "p90_us": graph_us + 1}
+        return {"mode": mode, "tokens": tokens, "side": side, **spread, "graph": graph}
+
+    latency = [point("normal", t, s, 100.0 * t, None) for s in "ab" for t in (128, 4096)]
+    latency += [point("low_latency", t, s, 200.0 + t, 60.0 + t) for s in "ab" for t in (16, 128)]
+    report = {"meta": {"ranks": 2, "provider": "deep_ep", "device": "cuda", "reference_numbers": False},
+              "sides": {"a": {"label": "legacy"}, "b": {"label": "elastic"}}, "latency": latency}
+    written, why = write_plots(report, str(tmp_path))
+    assert why is None and [os.path.basename(p) for p in written] == ["latency_normal.png", "latency_low_latency.png"]
+    styles = {mode: [(line.get_linestyle(), len(line.get_xdata()))
+                     for line in latency_figure(report, mode).axes[0].lines] for mode in ("normal", "low_latency")}
+    assert styles == {"normal": [("-", 2), ("-", 2)], "low_latency": [("-", 2), ("--", 2), ("-", 2), ("--", 2)]}
 
 
 @pytest.mark.timeout(300)
