@@ -1,4 +1,4 @@
-"""The ep generation: DeepEP 2.5's ``EPBuffer``, the successor of 2.1's ElasticBuffer. GPU validation pending.
+"""The ep generation: DeepEP 2.5's ``EPBuffer``, the successor of 2.1's ElasticBuffer (validated on 2 H200s).
 
 * import: the first of ``deep_ep_v25`` (PyPI ``sgl-deep-ep-v25``) and ``deep_ep`` (upstream DeepEP 2.5 wheels) that
   has ``EPBuffer``. The generation is told by the class a module has, never by its name: sgl-deep-ep 2.1's
