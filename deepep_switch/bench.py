@@ -112,12 +112,26 @@ def plan_jobs(spec: BenchSpec) -> list[Job]:
     return jobs
 
 
+def spread_us(samples: list[float]) -> tuple[float, float]:
+    """(p10, p90) of ``samples`` (at least one), by the nearest-rank rule."""
+    ordered = sorted(samples)
+    last = len(ordered) - 1
+    return ordered[round(0.1 * last)], ordered[round(0.9 * last)]
+
+
 class _Timer:
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
 
     def median_us(self, fn: Callable[[], Any], iters: int, warmup: int, group: Optional[dist.ProcessGroup]) -> float:
         return statistics.median(self.samples_us(fn, iters, warmup, group))
+
+    def time_into(self, row: dict[str, Any], key: str, fn: Callable[[], Any], iters: int, warmup: int,
+                  group: Optional[dist.ProcessGroup]) -> None:
+        """``row[key]`` = the median of ``iters`` timings (µs) and ``row["spread"][key]`` = their (p10, p90)."""
+        samples = self.samples_us(fn, iters, warmup, group)
+        row[key] = statistics.median(samples)
+        row.setdefault("spread", {})[key] = spread_us(samples)
 
     def samples_us(self, fn: Callable[[], Any], iters: int, warmup: int,
                    group: Optional[dist.ProcessGroup]) -> list[float]:
@@ -271,13 +285,15 @@ def _run_job(rank: int, world: int, spec: BenchSpec, cuda: bool, job: Job) -> di
             "bytes": logical_bytes(world, job.tokens, spec)}
         row["floor_us"] = row["bytes"] / NVLINK_BYTES_PER_S * 1e6
         for name, trip in trips.items():
-            row[f"{name}_us"] = timer.median_us(trip, iters, warmup, wrapper.group) if trip is not None else None
+            row[f"{name}_us"] = None
+            if trip is not None:
+                timer.time_into(row, f"{name}_us", trip, iters, warmup, wrapper.group)
         graphs: dict[str, Callable[[], Any]] = {}
         if job.low_latency and cuda and spec.graphs:
             for name, trip in trips.items():
                 if trip is not None:
                     graphs[name] = _graph_round_trip(trip, wrapper.group)
-                    row[f"{name}_graph_us"] = timer.median_us(graphs[name], iters, warmup, wrapper.group)
+                    timer.time_into(row, f"{name}_graph_us", graphs[name], iters, warmup, wrapper.group)
         if job.sweep:
             row["sms_used"] = _sms_used(wrapper, job, spec)
         if spec.profile_path and job.tokens <= 128 and not job.sweep:

@@ -24,9 +24,13 @@ def summarise(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     merged = []
     for i, row in enumerate(per_rank[0]):
         out = dict(row)
+        out["spread"] = {}
         for key in TIME_KEYS:
-            values = [r[i].get(key) for r in per_rank if r[i].get(key) is not None]
-            out[key] = max(values) if values else None
+            ranks = [r[i] for r in per_rank if r[i].get(key) is not None]
+            slowest = max(ranks, key=lambda r: r[key]) if ranks else None
+            out[key] = slowest[key] if slowest else None
+            if slowest and key in slowest.get("spread", {}):
+                out["spread"][key] = tuple(slowest["spread"][key])  # that rank's p10/p90, beside its median
         base = "raw_weighted" if out.get("raw_weighted_us") is not None else "raw"
         out["baseline"] = base if out.get(f"{base}_us") is not None else None
         out["overhead_pct"] = _pct(out.get("router_us"), out.get(f"{base}_us"))
@@ -71,6 +75,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         validation = sorted({r.get("validation", "") for r in table})
         lines.append(f"validation mode: {', '.join(validation)}; raw+w weighting: "
                      f"{', '.join(sorted({r['weighting'] for r in table if r.get('weighting')})) or '-'}")
+    lines += _spread_lines(table)
     lines += _ratios(table)
     lines += _sweep_table([r for r in rows if r.get("sweep")])
     for r in table:
@@ -81,6 +86,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"router kernels by device time, {_label(r)}:")
             lines += [f"  {k['share_pct']:5.1f}%  {k['us_per_call']:8.2f} us  {k['kernel']}" for k in r["kernels"][:12]]
     return "\n".join(lines)
+
+
+def _spread_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Within-run spread: p10-p90 of the slowest rank's timings behind each median above."""
+    lines = []
+    for r in rows:
+        parts = []
+        for key in TIME_KEYS:
+            if key in r.get("spread", {}):
+                lo, hi = r["spread"][key]
+                parts.append(f"{key[:-3].replace('_weighted', '+w')} {lo:.1f}-{hi:.1f}")
+        if parts:
+            lines.append(f"spread p10-p90 us, {_label(r)}: " + ", ".join(parts))
+    return lines
 
 
 def _label(r: dict[str, Any]) -> str:

@@ -256,6 +256,24 @@ def test_bench_smoke_on_reference_providers(tmp_path):
     elastic_ll = [r for r in rows if (r["backend"], r["mode"]) == ("elastic", "low_latency")]
     assert all(r["raw_weighted_us"] and r["baseline"] == "raw_weighted" for r in elastic_ll)
     assert all(r["bytes"] > 0 and r["floor_us"] > 0 and "router" in r["nvlink_pct"] for r in rows)
+    for r in rows:  # the within-run spread behind each median: p10 <= median <= p90
+        assert set(r["spread"]) == {k for k in ("raw_us", "raw_weighted_us", "router_us") if r.get(k) is not None}
+        assert all(lo <= r[key] <= hi for key, (lo, hi) in r["spread"].items()), r
+    assert "spread p10-p90 us, elastic low_latency token 8: raw " in proc.stdout
+
+
+def test_bench_summary_takes_the_slowest_ranks_median_and_its_spread():
+    from deepep_switch.bench import spread_us
+    from deepep_switch.bench_report import summarise
+
+    assert spread_us([5.0]) == (5.0, 5.0)
+    assert spread_us([float(v) for v in range(30, 0, -1)]) == (4.0, 27.0)
+    base = {"backend": "legacy", "mode": "normal", "tokens": 8, "floor_us": 1.0}
+    fast = dict(base, router_us=10.0, raw_us=9.0, spread={"router_us": (9.0, 11.0), "raw_us": (8.0, 30.0)})
+    slow = dict(base, router_us=20.0, raw_us=5.0, spread={"router_us": (19.0, 21.0), "raw_us": (4.0, 6.0)})
+    (row,) = summarise([[fast], [slow]])
+    assert (row["router_us"], row["raw_us"]) == (20.0, 9.0)
+    assert row["spread"] == {"router_us": (19.0, 21.0), "raw_us": (8.0, 30.0)}
 
 
 @pytest.mark.timeout(120)
