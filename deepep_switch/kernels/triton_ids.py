@@ -1,4 +1,5 @@
-"""Triton kernel for :mod:`deepep_switch.kernels.ids`: the whole clean-up in one launch, BLOCK_T rows a program."""
+"""Triton kernel for :mod:`deepep_switch.kernels.ids`: the whole clean-up in one launch, BLOCK_T rows (~256 ids) a
+program."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def drop_bad_ids_triton(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     out = torch.empty((rows, topk), dtype=torch.int64, device=ids.device)
     if rows:
         block_k = triton.next_power_of_2(topk)
-        block_t = max(16, 2048 // block_k)
+        # ~256 ids a program: a 128-token decode batch spreads over several SMs instead of one program's
+        # serial reductions, which is what a captured decode step waits for
+        block_t = max(16, 256 // block_k)
         _drop_bad_ids_kernel[(triton.cdiv(rows, block_t),)](
             ids, out, rows, num_experts, ids.stride(0), ids.stride(1), K=topk, BLOCK_K=block_k, BLOCK_T=block_t)
     return out
