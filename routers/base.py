@@ -312,7 +312,7 @@ class RouterBase(ABC, Generic[PathT]):
             out = self._finalize(y, state.handle, topk_weights, state.ids)
         else:
             out = self._metrics.finalize(self._finalize, y, state.handle, topk_weights, state.ids)
-        original = (extra_finalize_args or {}).get("original_num_tokens")
+        original = extra_finalize_args.get("original_num_tokens") if extra_finalize_args else None
         return self._tp.gather(out, original)
 
     @staticmethod

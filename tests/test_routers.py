@@ -295,3 +295,16 @@ def test_pinned_counts_uploader_reuses_its_staging_rows():
     for i, out in enumerate(outs):
         assert out.dtype == torch.int32 and out.device == device
         assert out.tolist() == [i, i + 1, i + 2, i + 3]
+
+
+def test_global_ids_table_matches_the_where_formula():
+    ids = torch.tensor([[-1, 0, 3], [2, -1, -1], [1, 1, 0]])
+    for rank in (0, 1, 3):
+        router = object.__new__(NormalRouter)  # only the fields the table reads
+        router.ep_rank, router.num_local_experts, router.num_experts = rank, 4, 16
+        router._global_ids = router._global_id_table(torch.device("cpu"))
+        offset, dummy = rank * 4, 15 if rank == 0 else 0
+        want = torch.where(ids < 0, torch.full_like(ids, dummy), ids + offset)
+        got = router._to_global(ids)
+        assert torch.equal(got, want) and got.dtype == torch.int64, rank
+        assert router._to_global(ids[:0]).shape == (0, 3)

@@ -21,7 +21,8 @@ from _generations import GENERATIONS, GPU_ENV, runnable
 from _helpers import settings_from_env
 from deepep_switch import DeepEPWrapper
 from deepep_switch.decision import AGREED_KNOBS, Vote, agree, knob_from_int, knob_to_int, resolve_backend
-from deepep_switch.kernels.ids import drop_bad_ids_torch, drop_out_of_range_torch, id_cleaner_for, repeated_ids
+from deepep_switch.kernels.ids import (TorchIdCleaner, drop_bad_ids_torch, drop_out_of_range_torch, id_cleaner_for,
+                                      repeated_ids)
 from deepep_switch.launch import spawn
 from deepep_switch.settings import Validation, env_name, load_settings
 from deepep_switch.testing import (MoEProblem, ToyExperts, dense_reference, layer_config, low_latency_executor,
@@ -122,6 +123,20 @@ def test_torch_cleaners_and_their_binding_off_cuda():
     assert name == "torch" and clean(ids[:, :1]).tolist() == [[-1], [1], [7]]
     assert validator_for(Validation.BASIC, H, K, E, None).kernel == "torch"
     assert validator_for(Validation.OFF, H, K, E, None).kernel is None
+
+
+def test_fused_torch_cleaner_matches_the_reference():
+    gen = torch.Generator().manual_seed(3)
+    for topk in (2, 4, 8, 11):
+        cleaner = TorchIdCleaner(topk, 16, torch.device("cpu"))
+        for tokens in (0, 1, 7, 300):
+            ids = torch.randint(-3, 19, (tokens, topk), generator=gen)
+            ids[::2] = torch.randint(-1, 4, (ids[::2].shape[0], topk), generator=gen)  # many repeats
+            strided = torch.randint(-3, 19, (topk, tokens), generator=gen).t()
+            for x in (ids, strided, ids[:, :1].expand(tokens, topk)):
+                before = x.clone()
+                assert torch.equal(cleaner(x), drop_bad_ids_torch(x, 16)), (topk, tokens)
+                assert torch.equal(x, before)
 
 
 def test_repeated_ids_flags_later_occurrences_only():
