@@ -249,7 +249,9 @@ def test_memory_back_to_baseline_after_release_and_reset(results):
         planned = sum(sum(pools.values()) for kept in r["kept_at_release"].values() for pools in kept.values())
         assert r["released_device_bytes"] >= 0.9 * planned > 0, (r["released_device_bytes"], r["kept_at_release"])
         baseline, after = r["memory"]["reserved"]
-        assert after <= baseline, r["memory"]
+        # one cached 2 MiB block at most, as in the create/reset cycles (2 H200, 22:07 UTC: +2 MiB, 48 MiB outside
+        # PyTorch, both from one-time state: a second identical life added 0 and 0.0)
+        assert after <= baseline + 2 * 2**20, r["memory"]
         assert r["memory"]["free_delta_mib"] <= 64, r["memory"]  # memory outside PyTorch's allocator too
 
 
