@@ -229,18 +229,9 @@ def _router_round_trip(router: Any, x: torch.Tensor, ids: torch.Tensor, w: torch
 
 
 def _graph_round_trip(round_trip: Callable[[], Any], group: dist.ProcessGroup) -> Callable[[], Any]:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        round_trip()  # warm up JIT and allocator outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    dist.barrier(group=group)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        round_trip()
-    torch.cuda.synchronize()
-    return graph.replay
+    from .cuda_graph import capture
+
+    return capture(round_trip, group)[0].replay
 
 
 def bench_rank(rank: int, world: int, spec: BenchSpec, cuda: bool, progress: Any = None) -> list[dict[str, Any]]:

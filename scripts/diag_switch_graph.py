@@ -39,6 +39,7 @@ def worker(rank: int, world: int, metrics: bool = False, both: bool = False) -> 
     from deepep_switch import DeepEPWrapper
     from deepep_switch.backend import Backend
     from deepep_switch.backends import get_spec
+    from deepep_switch.cuda_graph import capture
     from deepep_switch.settings import load_settings
     from deepep_switch.testing import ToyExperts, dense_reference, layer_config, make_problem, masked_executor
     from routers import LowLatencyRouter
@@ -63,17 +64,7 @@ def worker(rank: int, world: int, metrics: bool = False, both: bool = False) -> 
         y = masked_executor(p, experts, rank)
         return router.finalize(y, p.expert_topk_weights, p.expert_topk_ids, False, {"original_num_tokens": x.shape[0]})
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    dist.barrier()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    torch.cuda.synchronize()
+    graph, out = capture(step)
     errors: dict[str, Any] = {}
 
     def replay(tag: str) -> None:

@@ -85,6 +85,7 @@ def _graph_replay(router: Any, experts: Any, rank: int, world: int, shape: Shape
     """Capture prepare -> masked executor -> finalize once, replay it on new inputs, compare with eager."""
     import torch.distributed as dist
 
+    from deepep_switch.cuda_graph import capture
     from deepep_switch.testing import make_problem, masked_executor
 
     def inputs(seed: int):
@@ -97,17 +98,7 @@ def _graph_replay(router: Any, experts: Any, rank: int, world: int, shape: Shape
         y = masked_executor(p, experts, rank)
         return router.finalize(y, p.expert_topk_weights, p.expert_topk_ids, False, {"original_num_tokens": shape.N})
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(static_x, static_ids, static_w)  # warm-up outside the capture: JIT, allocator, SM count cache
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    dist.barrier()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step(static_x, static_ids, static_w)
-    torch.cuda.synchronize()
+    graph, static_out = capture(lambda: step(static_x, static_ids, static_w))
     results = []
     for seed in (41, 42):
         x, ids, w = inputs(seed)

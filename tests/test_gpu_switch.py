@@ -58,8 +58,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _capture(router: Any, experts: Any, rank: int, problem: Any, device: torch.device) -> tuple[Any, Any]:
     """Capture prepare -> masked executor -> finalize once on ``problem``'s inputs; returns (graph, output)."""
-    import torch.distributed as dist
-
+    from deepep_switch.cuda_graph import capture
     from deepep_switch.testing import masked_executor
 
     x, ids, w = problem.local(rank, device)
@@ -69,17 +68,7 @@ def _capture(router: Any, experts: Any, rank: int, problem: Any, device: torch.d
         y = masked_executor(p, experts, rank)
         return router.finalize(y, p.expert_topk_weights, p.expert_topk_ids, False, {"original_num_tokens": x.shape[0]})
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    dist.barrier()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    torch.cuda.synchronize()
+    graph, out = capture(step)
     graph.inputs = (x, ids, w)  # a graph reads its inputs' memory at replay: they must outlive it
     return graph, out
 
