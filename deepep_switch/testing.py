@@ -156,14 +156,16 @@ def masked_executor(payload: ExpertForwardPayload, experts: ToyExperts, ep_rank:
 
 
 def run_moe_layer(router: Any, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                  experts: ToyExperts, ep_rank: int, stats: Optional[dict[str, int]] = None) -> torch.Tensor:
+                  experts: ToyExperts, ep_rank: int, stats: Optional[dict[str, int]] = None,
+                  **prepare_kwargs: Any) -> torch.Tensor:
     """One MoE layer as rtp-llm's ``FusedMoe.forward`` runs it: prepare -> executor -> finalize.
 
     The executor is skipped when nothing arrived (normal mode), exactly as rtp-llm does, so combine sees 0 rows.
     Low-latency routers get :func:`low_latency_executor`, normal routers :func:`normal_executor`. When ``stats``
-    is given, ``stats["received_rows"]`` is set to the rows this rank's experts received.
+    is given, ``stats["received_rows"]`` is set to the rows this rank's experts received. ``prepare_kwargs`` go to
+    ``prepare`` (e.g. an :class:`~routers.AutoRouter`'s ``is_prefill``).
     """
-    payload = router.prepare(x, None, None, topk_weights, topk_ids)
+    payload = router.prepare(x, None, None, topk_weights, topk_ids, **prepare_kwargs)
     if stats is not None:
         meta = payload.expert_tokens_meta
         three_d = payload.expert_x.dim() == 3

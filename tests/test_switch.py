@@ -39,21 +39,11 @@ def _problem(seed: int, tokens: list[int], world: int) -> Any:
 
 def _layer(router: Any, problem: Any, rank: int, **choice: Any) -> float:
     """One MoE layer (prepare -> toy experts -> finalize) through ``router``; its error against the dense MoE."""
-    from deepep_switch.testing import (ToyExperts, dense_reference, low_latency_executor, normal_executor,
-                                       relative_error)
-    from routers import CombineForwardPayload
+    from deepep_switch.testing import ToyExperts, dense_reference, relative_error, run_moe_layer
 
     experts = ToyExperts(7, _experts(len(problem.tokens_per_rank)), HIDDEN)
     x, ids, w = problem.local(rank)
-    payload = router.prepare(x, None, None, w, ids, **choice)
-    if payload.expert_x.dim() == 3:
-        result = low_latency_executor(payload, experts, rank)
-    elif payload.expert_x.numel() == 0:
-        result = CombineForwardPayload(torch.empty_like(payload.expert_x, dtype=torch.bfloat16))
-    else:
-        result = normal_executor(payload, experts, rank, router.num_local_experts)
-    out = router.finalize(result, payload.expert_topk_weights, payload.expert_topk_ids, False,
-                          {"original_num_tokens": x.shape[0]})
+    out = run_moe_layer(router, x, ids, w, experts, rank, **choice)
     assert router.handle is None
     if not x.shape[0]:
         return 0.0
